@@ -1,0 +1,3 @@
+//! The decode service: admission, paged KV pool, continuous batching, token streaming.
+//!
+//! Empty until the end-to-end serving issue lands.

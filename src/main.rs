@@ -1,0 +1,283 @@
+//! `tandem`: one binary for every role. Each subcommand parses its own flags and calls into
+//! the library crates.
+
+mod fetch;
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use tandem_engine::chat::ChatMessage;
+use tandem_engine::generate::{Finish, Generator};
+use tandem_engine::model::{Loaded, load};
+use tandem_engine::sampler::{Sampler, SamplingParams};
+use tandem_engine::{IncrementalDecoder, KvDtype, Tokenizer};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tandem",
+    version,
+    about = "Disaggregated prefill/decode LLM serving"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate text from a prompt and print tokens/s.
+    Generate(GenerateArgs),
+    /// Download and verify the default model into the cache.
+    FetchModel {
+        #[command(flatten)]
+        cache: CacheArgs,
+    },
+    /// Print the token ids of TEXT as a JSON array.
+    Tokenize {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Render TEXT as a user message through the model's chat template first.
+        #[arg(long)]
+        chat: bool,
+        /// Do not add the model's BOS token (or other special tokens).
+        #[arg(long)]
+        no_special: bool,
+        text: String,
+    },
+    /// Print the text of a JSON array of token ids (read from stdin when IDS is omitted).
+    Detokenize {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Leave out special tokens such as <|im_end|>.
+        #[arg(long)]
+        skip_special: bool,
+        ids: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+struct CacheArgs {
+    /// Where fetched models are kept [default: $XDG_CACHE_HOME/tandem or ~/.cache/tandem].
+    #[arg(long, env = "TANDEM_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct ModelArgs {
+    /// A GGUF file or a Hugging Face directory; the default model is fetched when omitted.
+    #[arg(long, env = "TANDEM_MODEL")]
+    model: Option<PathBuf>,
+    #[command(flatten)]
+    cache: CacheArgs,
+    /// Worker threads for the forward pass [default: all cores].
+    #[arg(long, env = "TANDEM_THREADS")]
+    threads: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt text.
+    #[arg(long)]
+    prompt: String,
+    /// Send the prompt as a user message through the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// A system message (with --chat).
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// 0 is greedy decoding.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// 0 keeps every token.
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// KV cache element type: f16 or f32.
+    #[arg(long, default_value = "f16")]
+    kv_dtype: KvDtype,
+    /// Print the generated token ids as a JSON array after the text.
+    #[arg(long)]
+    print_ids: bool,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Generate(args) => generate(args),
+        Command::FetchModel { cache } => {
+            fetch::fetch(&fetch::cache_dir(cache.cache_dir.as_deref())?)?;
+            Ok(())
+        }
+        Command::Tokenize {
+            model,
+            chat,
+            no_special,
+            text,
+        } => {
+            let loaded = open_model(&model)?;
+            let ids = if chat {
+                let prompt = render_chat(&loaded.tokenizer, None, &text)?;
+                loaded.tokenizer.encode(&prompt, false)?
+            } else {
+                loaded.tokenizer.encode(&text, !no_special)?
+            };
+            println!("{}", serde_json::to_string(&ids)?);
+            Ok(())
+        }
+        Command::Detokenize {
+            model,
+            skip_special,
+            ids,
+        } => {
+            let text = match ids {
+                Some(t) => t,
+                None => {
+                    std::io::read_to_string(std::io::stdin()).context("reading ids from stdin")?
+                }
+            };
+            let ids: Vec<u32> = serde_json::from_str(text.trim())
+                .context("IDS must be a JSON array of token ids")?;
+            let loaded = open_model(&model)?;
+            let vocab = loaded.tokenizer.vocab_size();
+            if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+                bail!("token id {bad} is outside the vocabulary of {vocab}");
+            }
+            print!("{}", loaded.tokenizer.decode(&ids, skip_special)?);
+            Ok(())
+        }
+    }
+}
+
+fn open_model(args: &ModelArgs) -> Result<Loaded> {
+    if let Some(n) = args.threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("setting up the thread pool")?;
+    }
+    let path = match &args.model {
+        Some(p) => p.clone(),
+        None => fetch::default_model(&fetch::cache_dir(args.cache.cache_dir.as_deref())?)?,
+    };
+    load(&path).with_context(|| format!("loading model {}", path.display()))
+}
+
+fn render_chat(tok: &Tokenizer, system: Option<&str>, user: &str) -> Result<String> {
+    let template = tok
+        .chat_template
+        .as_ref()
+        .context("this model has no chat template; drop --chat")?;
+    let mut messages = Vec::new();
+    if let Some(s) = system {
+        messages.push(ChatMessage::new("system", s));
+    }
+    messages.push(ChatMessage::new("user", user));
+    Ok(template.render(&messages, true)?)
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
+        bail!(
+            "--temperature must be a finite number >= 0, got {}",
+            args.temperature
+        );
+    }
+    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1], got {}", args.top_p);
+    }
+    let loaded = open_model(&args.model)?;
+    let tok = &loaded.tokenizer;
+    let prompt_ids = if args.chat {
+        tok.encode(
+            &render_chat(tok, args.system.as_deref(), &args.prompt)?,
+            false,
+        )?
+    } else {
+        tok.encode(&args.prompt, true)?
+    };
+    if prompt_ids.is_empty() {
+        bail!("the prompt encodes to no tokens");
+    }
+    let ctx = loaded.model.config.context_length;
+    if prompt_ids.len() + args.max_tokens > ctx {
+        bail!(
+            "prompt ({} tokens) plus --max-tokens {} exceeds the model's context length {ctx}",
+            prompt_ids.len(),
+            args.max_tokens
+        );
+    }
+    let mut generator = Generator::new(
+        &loaded.model,
+        prompt_ids.len() + args.max_tokens,
+        args.kv_dtype,
+    );
+    let mut sampler = Sampler::new(SamplingParams {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        seed: args.seed,
+    });
+    let mut decoder = IncrementalDecoder::new(true);
+    let mut out = std::io::stdout().lock();
+    let mut ids = Vec::new();
+    let mut write_err = None;
+    let (finish, stats) = generator.generate(
+        &prompt_ids,
+        args.max_tokens,
+        &tok.eos_ids,
+        &mut sampler,
+        |id| {
+            ids.push(id);
+            match decoder.push(tok, id) {
+                Ok(Some(text)) => {
+                    if let Err(e) = out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+                        write_err = Some(anyhow::Error::from(e));
+                        return false;
+                    }
+                    true
+                }
+                Ok(None) => true,
+                Err(e) => {
+                    write_err = Some(e.into());
+                    false
+                }
+            }
+        },
+    )?;
+    if let Some(e) = write_err {
+        return Err(e);
+    }
+    if let Some(rest) = decoder.finish(tok)? {
+        out.write_all(rest.as_bytes())?;
+    }
+    writeln!(out)?;
+    if args.print_ids {
+        writeln!(out, "{}", serde_json::to_string(&ids)?)?;
+    }
+    out.flush()?;
+    let rate = |n: usize, d: std::time::Duration| n as f64 / d.as_secs_f64().max(1e-9);
+    eprintln!(
+        "prompt: {} tokens, {:.1} tokens/s | generation: {} tokens, {:.1} tokens/s | finish: {}",
+        stats.prompt_tokens,
+        rate(stats.prompt_tokens, stats.prompt_time),
+        stats.generated_tokens,
+        rate(stats.generated_tokens, stats.generate_time),
+        match finish {
+            Finish::Eos => "stop",
+            Finish::Length | Finish::Stopped => "length",
+        }
+    );
+    Ok(())
+}
