@@ -439,7 +439,7 @@ mod tests {
             (TensorType::BF16, 1e-2),
             (TensorType::Q8_0, 0.01),
             (TensorType::Q4_0, 0.2),
-            (TensorType::Q4_1, 0.1),
+            (TensorType::Q4_1, 0.11),
         ] {
             let bytes = quantize_row(ty, &src).unwrap();
             let mut back = vec![0f32; src.len()];
