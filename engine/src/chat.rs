@@ -17,10 +17,7 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: &str, content: &str) -> Self {
-        Self {
-            role: role.into(),
-            content: content.into(),
-        }
+        Self { role: role.into(), content: content.into() }
     }
 }
 
@@ -34,11 +31,7 @@ pub struct ChatTemplate {
 
 impl ChatTemplate {
     /// Compiles `source`; a syntax error is reported here, not at first use.
-    pub fn new(
-        source: &str,
-        bos_token: Option<String>,
-        eos_token: Option<String>,
-    ) -> Result<Self, EngineError> {
+    pub fn new(source: &str, bos_token: Option<String>, eos_token: Option<String>) -> Result<Self, EngineError> {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
@@ -47,26 +40,14 @@ impl ChatTemplate {
             Err(Error::new(ErrorKind::InvalidOperation, msg))
         });
         env.add_filter("tojson", tojson);
-        env.add_template_owned("chat", source.to_string())
-            .map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
-        Ok(Self {
-            env,
-            bos_token,
-            eos_token,
-        })
+        env.add_template_owned("chat", source.to_string()).map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
+        Ok(Self { env, bos_token, eos_token })
     }
 
     /// The prompt text for `messages`; with `add_generation_prompt` it ends where the
     /// assistant's reply begins.
-    pub fn render(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<String, EngineError> {
-        let tmpl = self
-            .env
-            .get_template("chat")
-            .map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, EngineError> {
+        let tmpl = self.env.get_template("chat").map_err(|e| EngineError::ChatTemplate(e.to_string()))?;
         tmpl.render(context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
@@ -80,8 +61,7 @@ impl ChatTemplate {
 /// `json.dumps(value, ensure_ascii=False)` (with `indent` when given): Python's separators,
 /// and no HTML escaping, unlike minijinja's built-in filter.
 fn tojson(value: minijinja::Value, indent: Option<usize>) -> Result<minijinja::Value, Error> {
-    let v = serde_json::to_value(&value)
-        .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let v = serde_json::to_value(&value).map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
     let mut out = String::new();
     write_py_json(&v, indent, 0, &mut out);
     Ok(minijinja::Value::from_safe_string(out))
@@ -95,11 +75,7 @@ fn write_py_json(v: &serde_json::Value, indent: Option<usize>, depth: usize, out
             out.push_str(&" ".repeat(n * depth));
         }
     };
-    let (item_sep, key_sep) = if indent.is_some() {
-        (",", ": ")
-    } else {
-        (", ", ": ")
-    };
+    let (item_sep, key_sep) = if indent.is_some() { (",", ": ") } else { (", ", ": ") };
     match v {
         J::Array(items) if !items.is_empty() => {
             out.push('[');
@@ -139,21 +115,14 @@ mod tests {
     fn renders_with_hf_whitespace_rules_and_python_methods() {
         let src = "{% for m in messages %}\n  {{ m.role.upper() }}: {{ m.content.strip() }}\n{% endfor %}{% if add_generation_prompt %}A:{% endif %}";
         let t = ChatTemplate::new(src, None, None).unwrap();
-        let out = t
-            .render(&[ChatMessage::new("user", "  hi ")], true)
-            .unwrap();
+        let out = t.render(&[ChatMessage::new("user", "  hi ")], true).unwrap();
         assert_eq!(out, "  USER: hi\nA:");
     }
 
     #[test]
     fn raise_exception_and_syntax_errors_are_errors() {
         let t = ChatTemplate::new("{{ raise_exception('no system role') }}", None, None).unwrap();
-        assert!(
-            t.render(&[], false)
-                .unwrap_err()
-                .to_string()
-                .contains("no system role")
-        );
+        assert!(t.render(&[], false).unwrap_err().to_string().contains("no system role"));
         assert!(ChatTemplate::new("{% for %}", None, None).is_err());
     }
 

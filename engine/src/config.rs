@@ -92,12 +92,7 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// Rejects shapes the forward pass cannot run, naming the field.
     pub fn validate(&self) -> Result<(), EngineError> {
-        let bad = |field: &str, why: String| {
-            Err(EngineError::BadConfig {
-                field: field.to_string(),
-                why,
-            })
-        };
+        let bad = |field: &str, why: String| Err(EngineError::BadConfig { field: field.to_string(), why });
         for (field, v) in [
             ("hidden", self.hidden),
             ("intermediate", self.intermediate),
@@ -112,29 +107,14 @@ impl ModelConfig {
                 return bad(field, format!("{v} is out of range"));
             }
         }
-        if self.n_heads % self.n_kv_heads != 0 {
-            return bad(
-                "n_kv_heads",
-                format!(
-                    "{} does not divide n_heads {}",
-                    self.n_kv_heads, self.n_heads
-                ),
-            );
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
+            return bad("n_kv_heads", format!("{} does not divide n_heads {}", self.n_kv_heads, self.n_heads));
         }
-        if self.rope_dim == 0 || self.rope_dim > self.head_dim || self.rope_dim % 2 != 0 {
-            return bad(
-                "rope_dim",
-                format!(
-                    "{} must be even and at most head_dim {}",
-                    self.rope_dim, self.head_dim
-                ),
-            );
+        if self.rope_dim == 0 || self.rope_dim > self.head_dim || !self.rope_dim.is_multiple_of(2) {
+            return bad("rope_dim", format!("{} must be even and at most head_dim {}", self.rope_dim, self.head_dim));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
-            return bad(
-                "rope_theta",
-                format!("{} must be a finite number above 1", self.rope_theta),
-            );
+            return bad("rope_theta", format!("{} must be a finite number above 1", self.rope_theta));
         }
         if !(self.rms_eps.is_finite() && self.rms_eps > 0.0 && self.rms_eps < 1.0) {
             return bad("rms_eps", format!("{} must be in (0, 1)", self.rms_eps));
@@ -149,23 +129,19 @@ impl ModelConfig {
         let key = |k: &str| format!("{arch_name}.{k}");
         let n_heads = usize_key(file, &key("attention.head_count"))?;
         let hidden = usize_key(file, &key("embedding_length"))?;
-        let head_dim =
-            opt_usize(file, &key("attention.key_length"))?.unwrap_or(hidden / n_heads.max(1));
+        let head_dim = opt_usize(file, &key("attention.key_length"))?.unwrap_or(hidden / n_heads.max(1));
         let vocab_size = match opt_usize(file, &key("vocab_size"))? {
             Some(v) => v,
             None => file
                 .tensor_info("token_embd.weight")
                 .and_then(|t| t.shape.get(1).copied())
-                .ok_or_else(|| EngineError::MissingTensor("token_embd.weight".into()))?
-                as usize,
+                .ok_or_else(|| EngineError::MissingTensor("token_embd.weight".into()))? as usize,
         };
         let rope_scaling = match file.get(&key("rope.scaling.type")).and_then(|v| v.as_str()) {
             None | Some("none") => RopeScaling::None,
             Some("linear") => RopeScaling::Linear(f64_key(file, &key("rope.scaling.factor"))?),
             Some(other) => {
-                return Err(EngineError::Unsupported(format!(
-                    "RoPE scaling type {other:?}"
-                )));
+                return Err(EngineError::Unsupported(format!("RoPE scaling type {other:?}")));
             }
         };
         let cfg = ModelConfig {
@@ -180,9 +156,7 @@ impl ModelConfig {
             vocab_size,
             rms_eps: f64_key(file, &key("attention.layer_norm_rms_epsilon"))? as f32,
             rope_theta: match file.get(&key("rope.freq_base")) {
-                Some(v) => v
-                    .as_f64()
-                    .ok_or_else(|| wrong(&key("rope.freq_base"), "a number"))?,
+                Some(v) => v.as_f64().ok_or_else(|| wrong(&key("rope.freq_base"), "a number"))?,
                 None => 10000.0,
             },
             rope_scaling,
@@ -195,27 +169,19 @@ impl ModelConfig {
 
     /// Reads a Hugging Face `config.json`.
     pub fn from_hf_json(text: &str) -> Result<Self, EngineError> {
-        let c: HfConfig = serde_json::from_str(text).map_err(|e| EngineError::BadConfig {
-            field: "config.json".into(),
-            why: e.to_string(),
-        })?;
+        let c: HfConfig = serde_json::from_str(text)
+            .map_err(|e| EngineError::BadConfig { field: "config.json".into(), why: e.to_string() })?;
         let arch = match (&c.model_type, c.architectures.first()) {
             (Some(t), _) => Arch::parse(t)?,
             (None, Some(a)) => Arch::parse(a)?,
             (None, None) => {
-                return Err(EngineError::UnsupportedArch(
-                    "(config.json names no model_type)".into(),
-                ));
+                return Err(EngineError::UnsupportedArch("(config.json names no model_type)".into()));
             }
         };
         if c.mlp_bias {
-            return Err(EngineError::Unsupported(
-                "MLP biases (mlp_bias: true)".into(),
-            ));
+            return Err(EngineError::Unsupported("MLP biases (mlp_bias: true)".into()));
         }
-        let head_dim = c
-            .head_dim
-            .unwrap_or(c.hidden_size / c.num_attention_heads.max(1));
+        let head_dim = c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads.max(1));
         let rope_scaling = match &c.rope_scaling {
             None => RopeScaling::None,
             Some(s) => match s.rope_type.as_deref().or(s.kind.as_deref()) {
@@ -225,13 +191,10 @@ impl ModelConfig {
                     factor: s.factor.unwrap_or(8.0),
                     low_freq_factor: s.low_freq_factor.unwrap_or(1.0),
                     high_freq_factor: s.high_freq_factor.unwrap_or(4.0),
-                    original_max_position: s.original_max_position_embeddings.unwrap_or(8192)
-                        as f64,
+                    original_max_position: s.original_max_position_embeddings.unwrap_or(8192) as f64,
                 }),
                 Some(other) => {
-                    return Err(EngineError::Unsupported(format!(
-                        "RoPE scaling type {other:?}"
-                    )));
+                    return Err(EngineError::Unsupported(format!("RoPE scaling type {other:?}")));
                 }
             },
         };
@@ -290,18 +253,12 @@ struct HfRopeScaling {
 }
 
 fn wrong(key: &str, expected: &'static str) -> EngineError {
-    EngineError::BadConfig {
-        field: key.to_string(),
-        why: format!("expected {expected}"),
-    }
+    EngineError::BadConfig { field: key.to_string(), why: format!("expected {expected}") }
 }
 
 fn str_key<'a>(file: &'a GgufFile, key: &str) -> Result<&'a str, EngineError> {
     file.get(key)
-        .ok_or_else(|| EngineError::BadConfig {
-            field: key.into(),
-            why: "missing".into(),
-        })?
+        .ok_or_else(|| EngineError::BadConfig { field: key.into(), why: "missing".into() })?
         .as_str()
         .ok_or_else(|| wrong(key, "a string"))
 }
@@ -318,18 +275,12 @@ fn opt_usize(file: &GgufFile, key: &str) -> Result<Option<usize>, EngineError> {
 }
 
 fn usize_key(file: &GgufFile, key: &str) -> Result<usize, EngineError> {
-    opt_usize(file, key)?.ok_or_else(|| EngineError::BadConfig {
-        field: key.into(),
-        why: "missing".into(),
-    })
+    opt_usize(file, key)?.ok_or_else(|| EngineError::BadConfig { field: key.into(), why: "missing".into() })
 }
 
 fn f64_key(file: &GgufFile, key: &str) -> Result<f64, EngineError> {
     file.get(key)
-        .ok_or_else(|| EngineError::BadConfig {
-            field: key.into(),
-            why: "missing".into(),
-        })?
+        .ok_or_else(|| EngineError::BadConfig { field: key.into(), why: "missing".into() })?
         .as_f64()
         .ok_or_else(|| wrong(key, "a number"))
 }

@@ -46,11 +46,7 @@ impl<'m> Generator<'m> {
     pub fn new(model: &'m Model, max_len: usize, dtype: KvDtype) -> Self {
         let max_len = max_len.min(model.config.context_length);
         let blocks = max_len.div_ceil(DEFAULT_BLOCK_SIZE).max(1);
-        Self {
-            model,
-            kv: model.new_kv_cache(DEFAULT_BLOCK_SIZE, blocks, dtype),
-            pool: BlockPool::new(blocks),
-        }
+        Self { model, kv: model.new_kv_cache(DEFAULT_BLOCK_SIZE, blocks, dtype), pool: BlockPool::new(blocks) }
     }
 
     /// Blocks not held by any sequence (all of them between calls).
@@ -74,10 +70,7 @@ impl<'m> Generator<'m> {
         let total = prompt.len() + max_tokens;
         let cap = self.pool.total_blocks() * DEFAULT_BLOCK_SIZE;
         if total > cap {
-            return Err(EngineError::ContextOverflow {
-                len: total,
-                max: cap,
-            });
+            return Err(EngineError::ContextOverflow { len: total, max: cap });
         }
         let blocks = self.pool.allocate(total.div_ceil(DEFAULT_BLOCK_SIZE))?;
         let result = self.run(prompt, max_tokens, eos, sampler, &mut on_token, &blocks);
@@ -94,10 +87,7 @@ impl<'m> Generator<'m> {
         on_token: &mut impl FnMut(u32) -> bool,
         blocks: &[u32],
     ) -> Result<(Finish, GenStats), EngineError> {
-        let mut stats = GenStats {
-            prompt_tokens: prompt.len(),
-            ..Default::default()
-        };
+        let mut stats = GenStats { prompt_tokens: prompt.len(), ..Default::default() };
         let start = Instant::now();
         let mut logits = Vec::new();
         for (i, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
@@ -106,23 +96,14 @@ impl<'m> Generator<'m> {
                 tokens: chunk,
                 start_pos: i * PREFILL_CHUNK,
                 block_table: blocks,
-                logits: if last {
-                    LogitsMode::Last
-                } else {
-                    LogitsMode::None
-                },
+                logits: if last { LogitsMode::Last } else { LogitsMode::None },
             };
-            logits = self
-                .model
-                .forward(&[seq], &mut self.kv)?
-                .pop()
-                .unwrap_or_default();
+            logits = self.model.forward(&[seq], &mut self.kv)?.pop().unwrap_or_default();
         }
         stats.prompt_time = start.elapsed();
         let start = Instant::now();
-        let mut pos = prompt.len();
         let mut finish = Finish::Length;
-        for _ in 0..max_tokens {
+        for pos in prompt.len()..prompt.len() + max_tokens {
             let next = sampler.sample(&logits);
             if eos.contains(&next) {
                 finish = Finish::Eos;
@@ -136,18 +117,8 @@ impl<'m> Generator<'m> {
             if stats.generated_tokens == max_tokens {
                 break;
             }
-            let seq = SeqInput {
-                tokens: &[next],
-                start_pos: pos,
-                block_table: blocks,
-                logits: LogitsMode::Last,
-            };
-            logits = self
-                .model
-                .forward(&[seq], &mut self.kv)?
-                .pop()
-                .unwrap_or_default();
-            pos += 1;
+            let seq = SeqInput { tokens: &[next], start_pos: pos, block_table: blocks, logits: LogitsMode::Last };
+            logits = self.model.forward(&[seq], &mut self.kv)?.pop().unwrap_or_default();
         }
         stats.generate_time = start.elapsed();
         Ok((finish, stats))

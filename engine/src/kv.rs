@@ -67,30 +67,15 @@ impl KvCache {
         num_blocks: usize,
         dtype: KvDtype,
     ) -> Self {
-        let layout = PagedLayout {
-            block_size,
-            n_kv_heads,
-            head_dim,
-        };
+        let layout = PagedLayout { block_size, n_kv_heads, head_dim };
         let n = num_blocks * block_size * n_kv_heads * head_dim;
         let layers = (0..n_layers)
             .map(|_| match dtype {
-                KvDtype::F16 => LayerKv::F16 {
-                    k: vec![f16::ZERO; n],
-                    v: vec![f16::ZERO; n],
-                },
-                KvDtype::F32 => LayerKv::F32 {
-                    k: vec![0.0; n],
-                    v: vec![0.0; n],
-                },
+                KvDtype::F16 => LayerKv::F16 { k: vec![f16::ZERO; n], v: vec![f16::ZERO; n] },
+                KvDtype::F32 => LayerKv::F32 { k: vec![0.0; n], v: vec![0.0; n] },
             })
             .collect();
-        Self {
-            layout,
-            num_blocks,
-            dtype,
-            layers,
-        }
+        Self { layout, num_blocks, dtype, layers }
     }
 
     /// Bytes one block takes across all layers, keys and values.
@@ -112,10 +97,7 @@ pub struct BlockPool {
 
 impl BlockPool {
     pub fn new(num_blocks: usize) -> Self {
-        Self {
-            free: (0..num_blocks as u32).rev().collect(),
-            total: num_blocks,
-        }
+        Self { free: (0..num_blocks as u32).rev().collect(), total: num_blocks }
     }
 
     pub fn free_blocks(&self) -> usize {
@@ -129,10 +111,7 @@ impl BlockPool {
     /// Takes `n` blocks, or none if fewer are free.
     pub fn allocate(&mut self, n: usize) -> Result<Vec<u32>, EngineError> {
         if n > self.free.len() {
-            return Err(EngineError::OutOfBlocks {
-                needed: n,
-                free: self.free.len(),
-            });
+            return Err(EngineError::OutOfBlocks { needed: n, free: self.free.len() });
         }
         Ok(self.free.split_off(self.free.len() - n))
     }

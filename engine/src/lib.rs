@@ -60,9 +60,6 @@ pub enum EngineError {
 
 impl EngineError {
     pub(crate) fn io(path: &std::path::Path, e: impl std::fmt::Display) -> Self {
-        EngineError::Io {
-            path: path.display().to_string(),
-            why: e.to_string(),
-        }
+        EngineError::Io { path: path.display().to_string(), why: e.to_string() }
     }
 }

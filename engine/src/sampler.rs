@@ -16,12 +16,7 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self {
-            temperature: 0.0,
-            top_p: 1.0,
-            top_k: 0,
-            seed: 0,
-        }
+        Self { temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0 }
     }
 }
 
@@ -34,10 +29,7 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
-        Self {
-            params,
-            rng: StdRng::seed_from_u64(params.seed),
-        }
+        Self { params, rng: StdRng::seed_from_u64(params.seed) }
     }
 
     /// The next token id.
@@ -46,11 +38,7 @@ impl Sampler {
             return argmax(logits);
         }
         let inv_t = 1.0 / self.params.temperature;
-        let mut cand: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| (i as u32, l * inv_t))
-            .collect();
+        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l * inv_t)).collect();
         // Highest first; ties broken by id so the order is deterministic.
         cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if self.params.top_k > 0 {
@@ -99,21 +87,13 @@ mod tests {
     #[test]
     fn greedy_picks_the_first_maximum() {
         assert_eq!(argmax(&[0.0, 2.0, 2.0, 1.0]), 1);
-        assert_eq!(
-            Sampler::new(SamplingParams::default()).sample(&[0.5, -1.0, 3.0]),
-            2
-        );
+        assert_eq!(Sampler::new(SamplingParams::default()).sample(&[0.5, -1.0, 3.0]), 2);
     }
 
     #[test]
     fn same_seed_same_tokens_and_top_k_one_is_greedy() {
         let logits: Vec<f32> = (0..50).map(|i| ((i * 17) % 11) as f32 / 3.0).collect();
-        let p = SamplingParams {
-            temperature: 1.0,
-            top_p: 0.9,
-            top_k: 0,
-            seed: 42,
-        };
+        let p = SamplingParams { temperature: 1.0, top_p: 0.9, top_k: 0, seed: 42 };
         let a: Vec<u32> = {
             let mut s = Sampler::new(p);
             (0..20).map(|_| s.sample(&logits)).collect()

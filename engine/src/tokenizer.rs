@@ -23,16 +23,8 @@ const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
 /// Texts of special tokens that end a turn in common chat formats; a model whose metadata
 /// names only one EOS still stops on these.
-const END_OF_GENERATION: &[&str] = &[
-    "<|endoftext|>",
-    "<|im_end|>",
-    "<|eot_id|>",
-    "<|eom_id|>",
-    "<|end|>",
-    "<end_of_turn>",
-    "</s>",
-    "<|end_of_text|>",
-];
+const END_OF_GENERATION: &[&str] =
+    &["<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>", "</s>", "<|end_of_text|>"];
 
 /// A model's tokenizer, its special ids and its chat template.
 #[derive(Debug)]
@@ -52,20 +44,14 @@ impl Tokenizer {
     /// Rebuilds the tokenizer a GGUF file describes.
     pub fn from_gguf(file: &GgufFile) -> Result<Self, EngineError> {
         let err = |m: String| EngineError::Tokenizer(m);
-        let model = file
-            .get("tokenizer.ggml.model")
-            .and_then(Value::as_str)
-            .unwrap_or("(none)");
+        let model = file.get("tokenizer.ggml.model").and_then(Value::as_str).unwrap_or("(none)");
         if model != "gpt2" {
             return Err(err(format!(
                 "GGUF tokenizer model {model:?} is not supported (byte-level BPE \"gpt2\" is); \
                  use the model's Hugging Face directory with tokenizer.json instead"
             )));
         }
-        let pre = file
-            .get("tokenizer.ggml.pre")
-            .and_then(Value::as_str)
-            .unwrap_or("default");
+        let pre = file.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
         let tokens: Vec<&str> = str_array(file, "tokenizer.ggml.tokens")?;
         let merges: Vec<&str> = str_array(file, "tokenizer.ggml.merges")?;
         let types: Vec<i64> = match file.get("tokenizer.ggml.token_type") {
@@ -78,11 +64,7 @@ impl Tokenizer {
             None => vec![1; tokens.len()],
         };
         if types.len() != tokens.len() {
-            return Err(err(format!(
-                "{} token types for {} tokens",
-                types.len(),
-                tokens.len()
-            )));
+            return Err(err(format!("{} token types for {} tokens", types.len(), tokens.len())));
         }
 
         let mut vocab = serde_json::Map::new();
@@ -99,9 +81,7 @@ impl Tokenizer {
         let merges: Vec<Json> = merges
             .iter()
             .map(|m| {
-                let (a, b) = m
-                    .split_once(' ')
-                    .ok_or_else(|| err(format!("merge {m:?} has no space")))?;
+                let (a, b) = m.split_once(' ').ok_or_else(|| err(format!("merge {m:?} has no space")))?;
                 Ok(json!([a, b]))
             })
             .collect::<Result<_, EngineError>>()?;
@@ -122,28 +102,17 @@ impl Tokenizer {
                 "vocab": vocab, "merges": merges,
             },
         });
-        let inner =
-            tokenizers::Tokenizer::from_str(&doc.to_string()).map_err(|e| err(e.to_string()))?;
+        let inner = tokenizers::Tokenizer::from_str(&doc.to_string()).map_err(|e| err(e.to_string()))?;
 
-        let id_key = |k: &str| {
-            file.get(k)
-                .and_then(Value::as_u64)
-                .map(|v| v as u32)
-                .filter(|&v| (v as usize) < tokens.len())
-        };
+        let id_key =
+            |k: &str| file.get(k).and_then(Value::as_u64).map(|v| v as u32).filter(|&v| (v as usize) < tokens.len());
         let bos = id_key("tokenizer.ggml.bos_token_id");
-        let add_bos = file
-            .get("tokenizer.ggml.add_bos_token")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        let mut eos_ids: Vec<u32> = [
-            "tokenizer.ggml.eos_token_id",
-            "tokenizer.ggml.eot_token_id",
-            "tokenizer.ggml.eom_token_id",
-        ]
-        .iter()
-        .filter_map(|k| id_key(k))
-        .collect();
+        let add_bos = file.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(false);
+        let mut eos_ids: Vec<u32> =
+            ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"]
+                .iter()
+                .filter_map(|k| id_key(k))
+                .collect();
         for (id, (tok, ty)) in tokens.iter().zip(&types).enumerate() {
             if *ty == TOKEN_TYPE_CONTROL && END_OF_GENERATION.contains(tok) {
                 eos_ids.push(id as u32);
@@ -152,24 +121,12 @@ impl Tokenizer {
         eos_ids.sort_unstable();
         eos_ids.dedup();
         let bos_token = bos.map(|b| tokens[b as usize].to_string());
-        let eos_token =
-            id_key("tokenizer.ggml.eos_token_id").map(|e| tokens[e as usize].to_string());
+        let eos_token = id_key("tokenizer.ggml.eos_token_id").map(|e| tokens[e as usize].to_string());
         let chat_template = match file.get("tokenizer.chat_template").and_then(Value::as_str) {
-            Some(src) => Some(ChatTemplate::new(
-                src,
-                bos_token.clone(),
-                eos_token.clone(),
-            )?),
+            Some(src) => Some(ChatTemplate::new(src, bos_token.clone(), eos_token.clone())?),
             None => None,
         };
-        Ok(Self {
-            inner,
-            manual_bos: bos.filter(|_| add_bos),
-            bos_token,
-            eos_token,
-            eos_ids,
-            chat_template,
-        })
+        Ok(Self { inner, manual_bos: bos.filter(|_| add_bos), bos_token, eos_token, eos_ids, chat_template })
     }
 
     /// Loads `tokenizer.json`, with special tokens and the chat template from
@@ -186,16 +143,11 @@ impl Tokenizer {
         };
         let bos_token = special("bos_token");
         let eos_token = special("eos_token");
-        let mut eos_ids: Vec<u32> = eos_token
-            .iter()
-            .filter_map(|t| inner.token_to_id(t))
-            .collect();
+        let mut eos_ids: Vec<u32> = eos_token.iter().filter_map(|t| inner.token_to_id(t)).collect();
         if let Some(gen_cfg) = read_json(&dir.join("generation_config.json"))? {
             match gen_cfg.get("eos_token_id") {
                 Some(Json::Number(n)) => eos_ids.extend(n.as_u64().map(|v| v as u32)),
-                Some(Json::Array(a)) => {
-                    eos_ids.extend(a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32))
-                }
+                Some(Json::Array(a)) => eos_ids.extend(a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32)),
                 _ => {}
             }
         }
@@ -212,31 +164,17 @@ impl Tokenizer {
             _ => None,
         };
         let chat_template = match template {
-            Some(src) => Some(ChatTemplate::new(
-                &src,
-                bos_token.clone(),
-                eos_token.clone(),
-            )?),
+            Some(src) => Some(ChatTemplate::new(&src, bos_token.clone(), eos_token.clone())?),
             None => None,
         };
-        Ok(Self {
-            inner,
-            manual_bos: None,
-            bos_token,
-            eos_token,
-            eos_ids,
-            chat_template,
-        })
+        Ok(Self { inner, manual_bos: None, bos_token, eos_token, eos_ids, chat_template })
     }
 
     /// Token ids of `text`. Special tokens written in the text become their ids.
     /// `add_special` adds BOS (and whatever the tokenizer's post-processor adds) as the model
     /// expects for a raw prompt; pass `false` for text a chat template already rendered.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, EngineError> {
-        let enc = self
-            .inner
-            .encode(text, add_special)
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let enc = self.inner.encode(text, add_special).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
         if add_special {
             ids.extend(self.manual_bos);
@@ -247,9 +185,7 @@ impl Tokenizer {
 
     /// Text of `ids`; special tokens are dropped when `skip_special`.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, EngineError> {
-        self.inner
-            .decode(ids, skip_special)
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))
+        self.inner.decode(ids, skip_special).map_err(|e| EngineError::Tokenizer(e.to_string()))
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -282,26 +218,21 @@ pub struct IncrementalDecoder {
 
 impl IncrementalDecoder {
     pub fn new(skip_special: bool) -> Self {
-        Self {
-            skip_special,
-            ..Self::default()
-        }
+        Self { skip_special, ..Self::default() }
     }
 
     /// Adds one id; returns the text it completes, if any.
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<Option<String>, EngineError> {
         self.ids.push(id);
-        let prefix = tok.decode(
-            &self.ids[self.prefix_offset..self.read_offset],
-            self.skip_special,
-        )?;
+        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special)?;
         let full = tok.decode(&self.ids[self.prefix_offset..], self.skip_special)?;
-        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') {
-            if let Some(delta) = full.get(prefix.len()..) {
-                self.prefix_offset = self.read_offset;
-                self.read_offset = self.ids.len();
-                return Ok(Some(delta.to_string()));
-            }
+        if full.len() > prefix.len()
+            && !full.ends_with('\u{FFFD}')
+            && let Some(delta) = full.get(prefix.len()..)
+        {
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            return Ok(Some(delta.to_string()));
         }
         Ok(None)
     }
@@ -309,17 +240,11 @@ impl IncrementalDecoder {
     /// Whatever is still held back at the end of the stream (an incomplete character becomes
     /// U+FFFD here, and only here).
     pub fn finish(&mut self, tok: &Tokenizer) -> Result<Option<String>, EngineError> {
-        let prefix = tok.decode(
-            &self.ids[self.prefix_offset..self.read_offset],
-            self.skip_special,
-        )?;
+        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special)?;
         let full = tok.decode(&self.ids[self.prefix_offset..], self.skip_special)?;
         self.prefix_offset = self.ids.len();
         self.read_offset = self.ids.len();
-        Ok(full
-            .get(prefix.len()..)
-            .filter(|s| !s.is_empty())
-            .map(str::to_string))
+        Ok(full.get(prefix.len()..).filter(|s| !s.is_empty()).map(str::to_string))
     }
 }
 
@@ -338,11 +263,9 @@ fn pre_tokenizer_for(pre: &str) -> Result<(Json, Json, bool), EngineError> {
             Json::Null,
             false,
         ),
-        "llama3" | "llama-v3" | "llama-bpe" => (
-            json!({"type": "Sequence", "pretokenizers": [split(LLAMA3), byte_level(false)]}),
-            Json::Null,
-            true,
-        ),
+        "llama3" | "llama-v3" | "llama-bpe" => {
+            (json!({"type": "Sequence", "pretokenizers": [split(LLAMA3), byte_level(false)]}), Json::Null, true)
+        }
         "qwen2" => (
             json!({"type": "Sequence", "pretokenizers": [split(QWEN2), byte_level(false)]}),
             json!({"type": "NFC"}),
@@ -357,16 +280,11 @@ fn pre_tokenizer_for(pre: &str) -> Result<(Json, Json, bool), EngineError> {
 }
 
 fn str_array<'a>(file: &'a GgufFile, key: &str) -> Result<Vec<&'a str>, EngineError> {
-    let v = file
-        .get(key)
-        .ok_or_else(|| EngineError::Tokenizer(format!("{key} is missing")))?;
+    let v = file.get(key).ok_or_else(|| EngineError::Tokenizer(format!("{key} is missing")))?;
     v.as_array()
         .ok_or_else(|| EngineError::Tokenizer(format!("{key} is not an array")))?
         .iter()
-        .map(|s| {
-            s.as_str()
-                .ok_or_else(|| EngineError::Tokenizer(format!("{key} holds a non-string")))
-        })
+        .map(|s| s.as_str().ok_or_else(|| EngineError::Tokenizer(format!("{key} holds a non-string"))))
         .collect()
 }
 

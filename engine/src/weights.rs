@@ -61,45 +61,24 @@ impl TensorStore {
             };
             index.insert(
                 t.name.clone(),
-                TensorRef {
-                    name: t.name.clone(),
-                    map: 0,
-                    range,
-                    ty: t.ty,
-                    rows: rows as usize,
-                    cols: cols as usize,
-                },
+                TensorRef { name: t.name.clone(), map: 0, range, ty: t.ty, rows: rows as usize, cols: cols as usize },
             );
         }
-        Ok(Self {
-            format: Format::Gguf,
-            maps: vec![file.map().clone()],
-            index,
-        })
+        Ok(Self { format: Format::Gguf, maps: vec![file.map().clone()], index })
     }
 
     /// Loads `model.safetensors`, or every shard named by `model.safetensors.index.json`.
     pub fn from_hf_dir(dir: &Path) -> Result<Self, EngineError> {
         let index_path = dir.join("model.safetensors.index.json");
         let files: Vec<String> = if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path)
-                .map_err(|e| EngineError::io(&index_path, e))?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| EngineError::SafeTensors {
-                    path: index_path.display().to_string(),
-                    why: e.to_string(),
-                })?;
-            let map = v
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| EngineError::SafeTensors {
-                    path: index_path.display().to_string(),
-                    why: "no \"weight_map\" object".into(),
-                })?;
-            let mut files: Vec<String> = map
-                .values()
-                .filter_map(|f| f.as_str().map(str::to_string))
-                .collect();
+            let text = std::fs::read_to_string(&index_path).map_err(|e| EngineError::io(&index_path, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| EngineError::SafeTensors { path: index_path.display().to_string(), why: e.to_string() })?;
+            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| EngineError::SafeTensors {
+                path: index_path.display().to_string(),
+                why: "no \"weight_map\" object".into(),
+            })?;
+            let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(str::to_string)).collect();
             files.sort();
             files.dedup();
             for f in &files {
@@ -121,12 +100,8 @@ impl TensorStore {
             let file = std::fs::File::open(&path).map_err(|e| EngineError::io(&path, e))?;
             // SAFETY: read-only private map; see `GgufFile::open` for the truncation contract.
             let map = unsafe { Mmap::map(&file) }.map_err(|e| EngineError::io(&path, e))?;
-            let bad = |why: String| EngineError::SafeTensors {
-                path: path.display().to_string(),
-                why,
-            };
-            let (header_len, meta) =
-                safetensors::SafeTensors::read_metadata(&map).map_err(|e| bad(e.to_string()))?;
+            let bad = |why: String| EngineError::SafeTensors { path: path.display().to_string(), why };
+            let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map).map_err(|e| bad(e.to_string()))?;
             let base = 8 + header_len;
             for (name, info) in meta.tensors() {
                 let ty = match info.dtype {
@@ -134,10 +109,7 @@ impl TensorStore {
                     safetensors::Dtype::F16 => TensorType::F16,
                     safetensors::Dtype::BF16 => TensorType::BF16,
                     other => {
-                        return Err(EngineError::BadTensor {
-                            name,
-                            why: format!("dtype {other:?} is not supported"),
-                        });
+                        return Err(EngineError::BadTensor { name, why: format!("dtype {other:?} is not supported") });
                     }
                 };
                 let (rows, cols) = match info.shape.as_slice() {
@@ -147,32 +119,14 @@ impl TensorStore {
                 };
                 let (s, e) = info.data_offsets;
                 let range = base + s..base + e;
-                if range.end > map.len()
-                    || (e - s) != rows * cols * if ty == TensorType::F32 { 4 } else { 2 }
-                {
-                    return Err(bad(format!(
-                        "tensor {name:?} has a byte range that does not match its shape"
-                    )));
+                if range.end > map.len() || (e - s) != rows * cols * if ty == TensorType::F32 { 4 } else { 2 } {
+                    return Err(bad(format!("tensor {name:?} has a byte range that does not match its shape")));
                 }
-                index.insert(
-                    name.clone(),
-                    TensorRef {
-                        name: name.clone(),
-                        map: i,
-                        range,
-                        ty,
-                        rows,
-                        cols,
-                    },
-                );
+                index.insert(name.clone(), TensorRef { name: name.clone(), map: i, range, ty, rows, cols });
             }
             maps.push(Arc::new(map));
         }
-        Ok(Self {
-            format: Format::HuggingFace,
-            maps,
-            index,
-        })
+        Ok(Self { format: Format::HuggingFace, maps, index })
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -180,10 +134,7 @@ impl TensorStore {
     }
 
     pub fn get(&self, name: &str) -> Result<&TensorRef, EngineError> {
-        let t = self
-            .index
-            .get(name)
-            .ok_or_else(|| EngineError::MissingTensor(name.to_string()))?;
+        let t = self.index.get(name).ok_or_else(|| EngineError::MissingTensor(name.to_string()))?;
         if !t.ty.is_supported() {
             return Err(EngineError::BadTensor {
                 name: name.into(),
@@ -199,10 +150,7 @@ impl TensorStore {
         if (t.rows, t.cols) != (rows, cols) {
             return Err(EngineError::BadTensor {
                 name: name.into(),
-                why: format!(
-                    "shape {}x{} where the config implies {rows}x{cols}",
-                    t.rows, t.cols
-                ),
+                why: format!("shape {}x{} where the config implies {rows}x{cols}", t.rows, t.cols),
             });
         }
         Ok(t.clone())
@@ -214,10 +162,7 @@ impl TensorStore {
         if t.rows * t.cols != len {
             return Err(EngineError::BadTensor {
                 name: name.into(),
-                why: format!(
-                    "{} elements where the config implies {len}",
-                    t.rows * t.cols
-                ),
+                why: format!("{} elements where the config implies {len}", t.rows * t.cols),
             });
         }
         let mut out = vec![0f32; len];

@@ -13,19 +13,14 @@ use tandem_kernels::TensorType;
 
 fn load_hf(w: &Weights, dir: &std::path::Path) -> Model {
     w.write_hf(dir);
-    let cfg = ModelConfig::from_hf_json(&std::fs::read_to_string(dir.join("config.json")).unwrap())
-        .unwrap();
+    let cfg = ModelConfig::from_hf_json(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     Model::new(cfg, TensorStore::from_hf_dir(dir).unwrap()).unwrap()
 }
 
 fn load_gguf(w: &Weights, path: &std::path::Path, ty: TensorType) -> Model {
     w.write_gguf(path, ty);
     let f = GgufFile::open(path).unwrap();
-    Model::new(
-        ModelConfig::from_gguf(&f).unwrap(),
-        TensorStore::from_gguf(&f).unwrap(),
-    )
-    .unwrap()
+    Model::new(ModelConfig::from_gguf(&f).unwrap(), TensorStore::from_gguf(&f).unwrap()).unwrap()
 }
 
 const PROMPT: [u32; 13] = [5, 17, 93, 0, 42, 42, 8, 61, 77, 3, 12, 90, 33];
@@ -34,16 +29,9 @@ const PROMPT: [u32; 13] = [5, 17, 93, 0, 42, 42, 8, 61, 77, 3, 12, 90, 33];
 fn all_logits(m: &Model, tokens: &[u32], dtype: KvDtype) -> Vec<Vec<f32>> {
     let mut kv = m.new_kv_cache(4, 16, dtype);
     let table: Vec<u32> = (0..16).rev().collect();
-    let seq = SeqInput {
-        tokens,
-        start_pos: 0,
-        block_table: &table,
-        logits: LogitsMode::All,
-    };
+    let seq = SeqInput { tokens, start_pos: 0, block_table: &table, logits: LogitsMode::All };
     let flat = m.forward(&[seq], &mut kv).unwrap().pop().unwrap();
-    flat.chunks(m.config.vocab_size)
-        .map(<[f32]>::to_vec)
-        .collect()
+    flat.chunks(m.config.vocab_size).map(<[f32]>::to_vec).collect()
 }
 
 fn check_against_reference(m: &Model, w: &Weights, tol: f64, dtype: KvDtype) {
@@ -58,28 +46,14 @@ fn check_against_reference(m: &Model, w: &Weights, tol: f64, dtype: KvDtype) {
 #[test]
 fn every_variant_and_format_matches_the_f64_reference() {
     let dir = tempfile::tempdir().unwrap();
-    for (i, variant) in [Variant::Llama, Variant::Qwen2, Variant::Llama3Scaled]
-        .into_iter()
-        .enumerate()
-    {
+    for (i, variant) in [Variant::Llama, Variant::Qwen2, Variant::Llama3Scaled].into_iter().enumerate() {
         for tied in [false, true] {
-            let w = Weights::random(
-                Spec {
-                    tied,
-                    ..Spec::tiny(variant)
-                },
-                7 + i as u64,
-            );
+            let w = Weights::random(Spec { tied, ..Spec::tiny(variant) }, 7 + i as u64);
             let hf = dir.path().join(format!("hf-{i}-{tied}"));
             std::fs::create_dir(&hf).unwrap();
             check_against_reference(&load_hf(&w, &hf), &w, 1e-3, KvDtype::F32);
             let gguf = dir.path().join(format!("m-{i}-{tied}.gguf"));
-            check_against_reference(
-                &load_gguf(&w, &gguf, TensorType::F32),
-                &w,
-                1e-3,
-                KvDtype::F32,
-            );
+            check_against_reference(&load_gguf(&w, &gguf, TensorType::F32), &w, 1e-3, KvDtype::F32);
         }
     }
 }
@@ -87,13 +61,7 @@ fn every_variant_and_format_matches_the_f64_reference() {
 #[test]
 fn quantized_gguf_matches_the_reference_of_its_rounded_weights() {
     let dir = tempfile::tempdir().unwrap();
-    for ty in [
-        TensorType::Q8_0,
-        TensorType::Q4_0,
-        TensorType::Q4_1,
-        TensorType::F16,
-        TensorType::BF16,
-    ] {
+    for ty in [TensorType::Q8_0, TensorType::Q4_0, TensorType::Q4_1, TensorType::F16, TensorType::BF16] {
         let w = Weights::random(Spec::tiny(Variant::Llama), 11);
         let path = dir.path().join(format!("{ty}.gguf"));
         let m = load_gguf(&w, &path, ty);
@@ -122,12 +90,7 @@ fn incremental_paged_decode_equals_full_recompute() {
         let mut pieces: Vec<(usize, usize)> = vec![(0, 6), (6, 9)];
         pieces.extend((9..PROMPT.len()).map(|p| (p, p + 1)));
         for (a, b) in pieces {
-            let seq = SeqInput {
-                tokens: &PROMPT[a..b],
-                start_pos: a,
-                block_table: &table,
-                logits: LogitsMode::All,
-            };
+            let seq = SeqInput { tokens: &PROMPT[a..b], start_pos: a, block_table: &table, logits: LogitsMode::All };
             let out = m.forward(&[seq], &mut kv).unwrap().pop().unwrap();
             for (i, row) in out.chunks(m.config.vocab_size).enumerate() {
                 assert_eq!(row, &full[a + i][..], "{dtype:?} position {}", a + i);
@@ -148,12 +111,7 @@ fn mixed_batch_equals_each_sequence_alone() {
 
     // Alone: A's first 8 tokens, then its next 5; B's first 9 then one decode token; C whole.
     let alone = |kv: &mut KvCache, tokens: &[u32], start: usize, table: &[u32]| {
-        let seq = SeqInput {
-            tokens,
-            start_pos: start,
-            block_table: table,
-            logits: LogitsMode::All,
-        };
+        let seq = SeqInput { tokens, start_pos: start, block_table: table, logits: LogitsMode::All };
         m.forward(&[seq], kv).unwrap().pop().unwrap()
     };
     let mut kv = m.new_kv_cache(4, 9, KvDtype::F16);
@@ -168,24 +126,9 @@ fn mixed_batch_equals_each_sequence_alone() {
     alone(&mut kv, &a[..8], 0, &ta);
     alone(&mut kv, &b[..9], 0, &tb);
     let batch = [
-        SeqInput {
-            tokens: &a[8..],
-            start_pos: 8,
-            block_table: &ta,
-            logits: LogitsMode::All,
-        },
-        SeqInput {
-            tokens: &b[9..],
-            start_pos: 9,
-            block_table: &tb,
-            logits: LogitsMode::All,
-        },
-        SeqInput {
-            tokens: &c,
-            start_pos: 0,
-            block_table: &tc,
-            logits: LogitsMode::All,
-        },
+        SeqInput { tokens: &a[8..], start_pos: 8, block_table: &ta, logits: LogitsMode::All },
+        SeqInput { tokens: &b[9..], start_pos: 9, block_table: &tb, logits: LogitsMode::All },
+        SeqInput { tokens: &c, start_pos: 0, block_table: &tc, logits: LogitsMode::All },
     ];
     let got = m.forward(&batch, &mut kv).unwrap();
     assert_eq!(got[0], want_a);
@@ -200,12 +143,7 @@ fn bad_batches_are_errors_not_panics() {
     let m = load_gguf(&w, &dir.path().join("m.gguf"), TensorType::F32);
     let mut kv = m.new_kv_cache(4, 4, KvDtype::F32);
     let run = |kv: &mut KvCache, tokens: &[u32], start: usize, table: &[u32]| {
-        let seq = SeqInput {
-            tokens,
-            start_pos: start,
-            block_table: table,
-            logits: LogitsMode::Last,
-        };
+        let seq = SeqInput { tokens, start_pos: start, block_table: table, logits: LogitsMode::Last };
         m.forward(&[seq], kv).map(|_| ()).unwrap_err().to_string()
     };
     assert!(run(&mut kv, &[96], 0, &[0]).contains("outside the vocabulary"));
@@ -213,19 +151,11 @@ fn bad_batches_are_errors_not_panics() {
     assert!(run(&mut kv, &[1], 0, &[4]).contains("outside the pool"));
     assert!(run(&mut kv, &[1], 300, &[0; 80]).contains("context length"));
     let other = Model::new(
-        ModelConfig {
-            n_layers: 1,
-            ..m.config.clone()
-        },
+        ModelConfig { n_layers: 1, ..m.config.clone() },
         TensorStore::from_gguf(&GgufFile::open(&dir.path().join("m.gguf")).unwrap()).unwrap(),
     )
     .unwrap();
     let mut small = other.new_kv_cache(4, 4, KvDtype::F32);
-    let seq = SeqInput {
-        tokens: &[1],
-        start_pos: 0,
-        block_table: &[0],
-        logits: LogitsMode::Last,
-    };
+    let seq = SeqInput { tokens: &[1], start_pos: 0, block_table: &[0], logits: LogitsMode::Last };
     assert!(m.forward(&[seq], &mut small).is_err());
 }

@@ -7,9 +7,12 @@ use std::path::Path;
 
 use common::{Spec, Variant, Weights};
 use proptest::prelude::*;
-use tandem_engine::gguf::{string_array, GgufWriter, Value};
+use tandem_engine::gguf::{GgufWriter, Value, string_array};
 use tandem_engine::model::load;
 use tandem_kernels::TensorType;
+
+/// Rewrites one tensor into the writer and returns true, or returns false to keep it.
+type TensorEdit = dyn Fn(&mut GgufWriter, &str, &tandem_engine::gguf::TensorInfo, Vec<u8>) -> bool;
 
 /// A complete tiny GGUF model, tokenizer included.
 fn tiny_gguf(dir: &Path) -> Vec<u8> {
@@ -73,8 +76,7 @@ fn named_errors_for_wrong_models() {
         std::fs::write(dir.path().join("g.gguf"), &bytes).unwrap();
         tandem_engine::gguf::GgufFile::open(&dir.path().join("g.gguf")).unwrap()
     };
-    let rebuild = |edit: &dyn Fn(&mut GgufWriter, &str, &tandem_engine::gguf::TensorInfo, Vec<u8>) -> bool,
-                   meta: &dyn Fn(&str, &Value) -> Option<Value>| {
+    let rebuild = |edit: &TensorEdit, meta: &dyn Fn(&str, &Value) -> Option<Value>| {
         let mut out = GgufWriter::new();
         for (k, v) in &f.header.metadata {
             if let Some(v) = meta(k, v) {
@@ -129,9 +131,8 @@ fn named_errors_for_wrong_models() {
     let err = load_bytes(dir.path(), "d.gguf", &neox).unwrap_err();
     assert!(err.contains("\"gptneox\""), "{err}");
 
-    let heads = rebuild(&untouched, &|k, v| {
-        Some(if k == "llama.attention.head_count_kv" { Value::U32(3) } else { v.clone() })
-    });
+    let heads =
+        rebuild(&untouched, &|k, v| Some(if k == "llama.attention.head_count_kv" { Value::U32(3) } else { v.clone() }));
     let err = load_bytes(dir.path(), "e.gguf", &heads).unwrap_err();
     assert!(err.contains("n_kv_heads"), "{err}");
 
@@ -172,7 +173,8 @@ fn broken_hugging_face_directories_fail_cleanly() {
     assert!(model_err(dir.path()).contains("safetensors"));
     std::fs::write(dir.path().join("model.safetensors"), &st).unwrap();
 
-    std::fs::write(dir.path().join("model.safetensors.index.json"), r#"{"weight_map": {"a": "../../etc/passwd"}}"#).unwrap();
+    std::fs::write(dir.path().join("model.safetensors.index.json"), r#"{"weight_map": {"a": "../../etc/passwd"}}"#)
+        .unwrap();
     assert!(model_err(dir.path()).contains("leaves the model directory"));
     std::fs::remove_file(dir.path().join("model.safetensors.index.json")).unwrap();
 

@@ -26,23 +26,11 @@ pub enum KernelError {
     UnsupportedType(TensorType),
     /// A row length is not a whole number of the type's blocks.
     #[error("row of {cols} elements is not a multiple of {ty}'s block size {block}")]
-    RaggedRow {
-        ty: TensorType,
-        cols: usize,
-        block: usize,
-    },
+    RaggedRow { ty: TensorType, cols: usize, block: usize },
     /// A buffer holds a different number of bytes than its shape needs.
     #[error("{what}: expected {expected} bytes, got {actual}")]
-    ByteLength {
-        what: &'static str,
-        expected: usize,
-        actual: usize,
-    },
+    ByteLength { what: &'static str, expected: usize, actual: usize },
     /// Two operands disagree on a dimension.
     #[error("{what}: dimension mismatch, {left} vs {right}")]
-    Shape {
-        what: &'static str,
-        left: usize,
-        right: usize,
-    },
+    Shape { what: &'static str, left: usize, right: usize },
 }

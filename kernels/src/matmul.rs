@@ -21,33 +21,16 @@ pub struct WeightMatrix<'a> {
 
 impl<'a> WeightMatrix<'a> {
     /// Checks that `data` is exactly `rows` whole rows of `ty`.
-    pub fn new(
-        ty: TensorType,
-        rows: usize,
-        cols: usize,
-        data: &'a [u8],
-    ) -> Result<Self, KernelError> {
-        let expected = ty
-            .row_bytes(cols)?
-            .checked_mul(rows)
-            .ok_or(KernelError::Shape {
-                what: "weight matrix size overflows",
-                left: rows,
-                right: cols,
-            })?;
+    pub fn new(ty: TensorType, rows: usize, cols: usize, data: &'a [u8]) -> Result<Self, KernelError> {
+        let expected = ty.row_bytes(cols)?.checked_mul(rows).ok_or(KernelError::Shape {
+            what: "weight matrix size overflows",
+            left: rows,
+            right: cols,
+        })?;
         if data.len() != expected {
-            return Err(KernelError::ByteLength {
-                what: "weight matrix",
-                expected,
-                actual: data.len(),
-            });
+            return Err(KernelError::ByteLength { what: "weight matrix", expected, actual: data.len() });
         }
-        Ok(Self {
-            ty,
-            rows,
-            cols,
-            data,
-        })
+        Ok(Self { ty, rows, cols, data })
     }
 
     /// The stored bytes of row `r`.
@@ -59,11 +42,7 @@ impl<'a> WeightMatrix<'a> {
     /// Row `r` expanded to f32.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) -> Result<(), KernelError> {
         if r >= self.rows {
-            return Err(KernelError::Shape {
-                what: "row index past the matrix",
-                left: r,
-                right: self.rows,
-            });
+            return Err(KernelError::Shape { what: "row index past the matrix", left: r, right: self.rows });
         }
         dequantize_row(self.ty, self.row_bytes(r), out)
     }
@@ -74,20 +53,12 @@ const ROWS_PER_TASK: usize = 32;
 
 /// `y[t][r] = Σ_c w[r][c] · x[t][c]` for `n_tokens = x.len() / cols` tokens.
 pub fn matmul(w: &WeightMatrix<'_>, x: &[f32], y: &mut [f32]) -> Result<(), KernelError> {
-    if x.len() % w.cols != 0 {
-        return Err(KernelError::Shape {
-            what: "matmul input length vs cols",
-            left: x.len(),
-            right: w.cols,
-        });
+    if !x.len().is_multiple_of(w.cols) {
+        return Err(KernelError::Shape { what: "matmul input length vs cols", left: x.len(), right: w.cols });
     }
     let n_tokens = x.len() / w.cols;
     if y.len() != n_tokens * w.rows {
-        return Err(KernelError::Shape {
-            what: "matmul output length",
-            left: y.len(),
-            right: n_tokens * w.rows,
-        });
+        return Err(KernelError::Shape { what: "matmul output length", left: y.len(), right: n_tokens * w.rows });
     }
     w.ty.row_bytes(w.cols)?;
     let tasks: Vec<(usize, Vec<f32>)> = (0..w.rows.div_ceil(ROWS_PER_TASK))
@@ -154,9 +125,7 @@ mod tests {
         let mut y = vec![0f32; n * rows];
         for t in 0..n {
             for r in 0..rows {
-                let s: f64 = (0..cols)
-                    .map(|c| w[r * cols + c] as f64 * x[t * cols + c] as f64)
-                    .sum();
+                let s: f64 = (0..cols).map(|c| w[r * cols + c] as f64 * x[t * cols + c] as f64).sum();
                 y[t * rows + r] = s as f32;
             }
         }
@@ -166,16 +135,9 @@ mod tests {
     #[test]
     fn matmul_matches_reference_and_is_batch_invariant() {
         let (rows, cols) = (70, 64);
-        let w: Vec<f32> = (0..rows * cols)
-            .map(|i| ((i * 7919 % 101) as f32 - 50.0) / 50.0)
-            .collect();
-        let x: Vec<f32> = (0..3 * cols)
-            .map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0)
-            .collect();
-        let bytes: Vec<u8> = w
-            .chunks(cols)
-            .flat_map(|r| quantize_row(TensorType::F32, r).unwrap())
-            .collect();
+        let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 101) as f32 - 50.0) / 50.0).collect();
+        let x: Vec<f32> = (0..3 * cols).map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0).collect();
+        let bytes: Vec<u8> = w.chunks(cols).flat_map(|r| quantize_row(TensorType::F32, r).unwrap()).collect();
         let m = WeightMatrix::new(TensorType::F32, rows, cols, &bytes).unwrap();
         let mut y = vec![0f32; 3 * rows];
         matmul(&m, &x, &mut y).unwrap();

@@ -46,11 +46,7 @@ impl Rope {
                 f / factors.map_or(1.0, |fs| fs[i] as f64)
             })
             .collect();
-        Self {
-            style,
-            rot_dim,
-            inv_freq,
-        }
+        Self { style, rot_dim, inv_freq }
     }
 
     /// Rotates each `head_dim`-sized head in `x` for position `pos`.
@@ -195,26 +191,12 @@ mod tests {
 
     #[test]
     fn attention_over_one_position_returns_its_value() {
-        let layout = PagedLayout {
-            block_size: 2,
-            n_kv_heads: 1,
-            head_dim: 2,
-        };
+        let layout = PagedLayout { block_size: 2, n_kv_heads: 1, head_dim: 2 };
         let k = vec![0f32, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0];
         let v = vec![0f32, 0.0, 0.0, 0.0, 3.0, 4.0, 0.0, 0.0];
         let mut out = vec![0f32; 4];
         let mut s = Vec::new();
-        paged_attention(
-            &[1.0, 1.0, -1.0, 2.0],
-            2,
-            layout,
-            &k,
-            &v,
-            &[1],
-            1,
-            &mut out,
-            &mut s,
-        );
+        paged_attention(&[1.0, 1.0, -1.0, 2.0], 2, layout, &k, &v, &[1], 1, &mut out, &mut s);
         assert_eq!(out, vec![3.0, 4.0, 3.0, 4.0]);
     }
 }

@@ -158,12 +158,8 @@ impl TensorType {
     /// Bytes a row of `cols` elements takes, checking that the row is whole blocks.
     pub fn row_bytes(self, cols: usize) -> Result<usize, KernelError> {
         let (block, bytes) = self.layout().ok_or(KernelError::UnsupportedType(self))?;
-        if cols % block != 0 {
-            return Err(KernelError::RaggedRow {
-                ty: self,
-                cols,
-                block,
-            });
+        if !cols.is_multiple_of(block) {
+            return Err(KernelError::RaggedRow { ty: self, cols, block });
         }
         Ok(cols / block * bytes)
     }
@@ -181,11 +177,7 @@ impl fmt::Display for TensorType {
 pub fn dequantize_row(ty: TensorType, src: &[u8], dst: &mut [f32]) -> Result<(), KernelError> {
     let expected = ty.row_bytes(dst.len())?;
     if src.len() != expected {
-        return Err(KernelError::ByteLength {
-            what: "dequantize_row",
-            expected,
-            actual: src.len(),
-        });
+        return Err(KernelError::ByteLength { what: "dequantize_row", expected, actual: src.len() });
     }
     match ty {
         TensorType::F32 => {
@@ -342,15 +334,9 @@ pub fn quantize_row(ty: TensorType, src: &[f32]) -> Result<Vec<u8>, KernelError>
     let len = ty.row_bytes(src.len())?;
     let mut out = Vec::with_capacity(len);
     match ty {
-        TensorType::F32 => src
-            .iter()
-            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        TensorType::F16 => src
-            .iter()
-            .for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
-        TensorType::BF16 => src
-            .iter()
-            .for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
+        TensorType::F32 => src.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        TensorType::F16 => src.iter().for_each(|v| out.extend_from_slice(&f16::from_f32(*v).to_le_bytes())),
+        TensorType::BF16 => src.iter().for_each(|v| out.extend_from_slice(&bf16::from_f32(*v).to_le_bytes())),
         TensorType::Q8_0 => {
             for x in src.chunks_exact(32) {
                 let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
@@ -363,9 +349,7 @@ pub fn quantize_row(ty: TensorType, src: &[f32]) -> Result<Vec<u8>, KernelError>
         TensorType::Q4_0 => {
             for x in src.chunks_exact(32) {
                 // The value of largest magnitude maps to -8, keeping its sign exact.
-                let max = x
-                    .iter()
-                    .fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
+                let max = x.iter().fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
                 let d = max / -8.0;
                 let id = if d == 0.0 { 0.0 } else { 1.0 / d };
                 out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
@@ -410,29 +394,17 @@ mod tests {
 
     #[test]
     fn ragged_rows_and_wrong_lengths_are_errors() {
-        assert!(matches!(
-            TensorType::Q4_K.row_bytes(100),
-            Err(KernelError::RaggedRow { .. })
-        ));
+        assert!(matches!(TensorType::Q4_K.row_bytes(100), Err(KernelError::RaggedRow { .. })));
         let mut out = vec![0f32; 32];
         let err = dequantize_row(TensorType::Q8_0, &[0u8; 33], &mut out).unwrap_err();
-        assert!(matches!(
-            err,
-            KernelError::ByteLength {
-                expected: 34,
-                actual: 33,
-                ..
-            }
-        ));
+        assert!(matches!(err, KernelError::ByteLength { expected: 34, actual: 33, .. }));
         let err = dequantize_row(TensorType::IQ2_XS, &[], &mut out).unwrap_err();
         assert_eq!(err.to_string(), "tensor type IQ2_XS has no CPU kernel");
     }
 
     #[test]
     fn quantize_then_dequantize_is_close() {
-        let src: Vec<f32> = (0..64)
-            .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
-            .collect();
+        let src: Vec<f32> = (0..64).map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0).collect();
         for (ty, tol) in [
             (TensorType::F32, 0.0),
             (TensorType::F16, 1e-3),

@@ -2,8 +2,8 @@
 //! Python package (llama.cpp's reference reader) from the same random blocks; see
 //! `fixtures/gen_dequant.py`.
 
-use tandem_kernels::quant::dequantize_row;
 use tandem_kernels::TensorType;
+use tandem_kernels::quant::dequantize_row;
 
 #[test]
 fn dequantization_matches_gguf_py() {
@@ -24,7 +24,8 @@ fn dequantization_matches_gguf_py() {
             other => panic!("fixture has unexpected type {other}"),
         };
         let hex = case["bytes"].as_str().unwrap();
-        let bytes: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+        let bytes: Vec<u8> =
+            (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
         let want: Vec<f32> = case["values"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
         let mut got = vec![0f32; want.len()];
         dequantize_row(ty, &bytes, &mut got).unwrap();

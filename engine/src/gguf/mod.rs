@@ -37,21 +37,10 @@ pub enum GgufError {
     UnsupportedVersion(u32),
     #[error("big-endian GGUF files are not supported")]
     BigEndian,
-    #[error(
-        "file truncated: {what} needs {needed} bytes at offset {offset}, only {available} remain"
-    )]
-    Truncated {
-        what: String,
-        offset: usize,
-        needed: u64,
-        available: usize,
-    },
+    #[error("file truncated: {what} needs {needed} bytes at offset {offset}, only {available} remain")]
+    Truncated { what: String, offset: usize, needed: u64, available: usize },
     #[error("{what}: count {count} cannot fit in the {available} bytes that remain")]
-    ImpossibleCount {
-        what: String,
-        count: u64,
-        available: usize,
-    },
+    ImpossibleCount { what: String, count: u64, available: usize },
     #[error("metadata key {key:?}: unknown value type id {id}")]
     UnknownValueType { key: String, id: u32 },
     #[error("metadata key {key:?}: arrays nested deeper than {MAX_ARRAY_DEPTH}")]
@@ -71,32 +60,13 @@ pub enum GgufError {
     #[error("tensor {name:?}: unknown tensor type id {id}")]
     UnknownTensorType { name: String, id: u32 },
     #[error("tensor {name:?}: {ty} rows of {cols} elements are not whole blocks")]
-    RaggedTensor {
-        name: String,
-        ty: TensorType,
-        cols: u64,
-    },
+    RaggedTensor { name: String, ty: TensorType, cols: u64 },
     #[error("tensor {name:?}: offset {offset} is not aligned to {alignment}")]
-    MisalignedTensor {
-        name: String,
-        offset: u64,
-        alignment: u64,
-    },
-    #[error(
-        "tensor {name:?}: bytes {start}..{end} lie past the end of the data section ({len} bytes)"
-    )]
-    TensorOutOfBounds {
-        name: String,
-        start: u64,
-        end: u64,
-        len: u64,
-    },
+    MisalignedTensor { name: String, offset: u64, alignment: u64 },
+    #[error("tensor {name:?}: bytes {start}..{end} lie past the end of the data section ({len} bytes)")]
+    TensorOutOfBounds { name: String, start: u64, end: u64, len: u64 },
     #[error("metadata key {key:?}: expected {expected}, found {found}")]
-    WrongType {
-        key: String,
-        expected: &'static str,
-        found: String,
-    },
+    WrongType { key: String, expected: &'static str, found: String },
     #[error("metadata key {0:?} is missing")]
     MissingKey(String),
     #[error("tensor {0:?} is missing")]
@@ -146,10 +116,7 @@ pub struct GgufFile {
 impl GgufFile {
     /// Maps and parses the file at `path`.
     pub fn open(path: &Path) -> Result<Self, GgufError> {
-        let io = |e: std::io::Error| GgufError::Io {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        };
+        let io = |e: std::io::Error| GgufError::Io { path: path.display().to_string(), message: e.to_string() };
         let file = std::fs::File::open(path).map_err(io)?;
         // SAFETY: the map is read-only and private to this process. Another process truncating
         // the file while it is mapped would fault on access; that is the accepted contract of
@@ -161,17 +128,8 @@ impl GgufFile {
     /// Parses an existing map.
     pub fn from_map(map: Arc<Mmap>) -> Result<Self, GgufError> {
         let header = parse_header(&map)?;
-        let by_name = header
-            .tensors
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.name.clone(), i))
-            .collect();
-        Ok(Self {
-            header,
-            map,
-            by_name,
-        })
+        let by_name = header.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        Ok(Self { header, map, by_name })
     }
 
     /// The memory map, so that weights can borrow from it for the model's lifetime.
@@ -185,9 +143,7 @@ impl GgufFile {
 
     /// Absolute byte range of a tensor in the file. Only tensors of supported types have one.
     pub fn tensor_range(&self, name: &str) -> Result<std::ops::Range<usize>, GgufError> {
-        let t = self
-            .tensor_info(name)
-            .ok_or_else(|| GgufError::MissingTensor(name.to_string()))?;
+        let t = self.tensor_info(name).ok_or_else(|| GgufError::MissingTensor(name.to_string()))?;
         let len = t.len.ok_or_else(|| GgufError::WrongType {
             key: name.to_string(),
             expected: "a tensor type with a CPU kernel",
@@ -258,13 +214,9 @@ pub fn parse_header(bytes: &[u8]) -> Result<GgufHeader, GgufError> {
         }
         let type_id = r.u32(&format!("tensor {name:?} type"))?;
         let offset = r.u64(&format!("tensor {name:?} offset"))?;
-        let ty = TensorType::from_ggml_id(type_id).ok_or_else(|| GgufError::UnknownTensorType {
-            name: name.clone(),
-            id: type_id,
-        })?;
-        let elements = shape
-            .iter()
-            .try_fold(1u64, |acc, &d| acc.checked_mul(d).filter(|_| d > 0));
+        let ty = TensorType::from_ggml_id(type_id)
+            .ok_or_else(|| GgufError::UnknownTensorType { name: name.clone(), id: type_id })?;
+        let elements = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d).filter(|_| d > 0));
         if shape.is_empty() || elements.is_none_or(|e| e > 1 << 40) {
             return Err(GgufError::BadShape { name, shape });
         }
@@ -272,56 +224,31 @@ pub fn parse_header(bytes: &[u8]) -> Result<GgufHeader, GgufError> {
             None => None,
             Some((block, bytes)) => {
                 if shape[0] % block as u64 != 0 {
-                    return Err(GgufError::RaggedTensor {
-                        name,
-                        ty,
-                        cols: shape[0],
-                    });
+                    return Err(GgufError::RaggedTensor { name, ty, cols: shape[0] });
                 }
                 elements.map(|e| e / block as u64 * bytes as u64)
             }
         };
         if offset % alignment != 0 {
-            return Err(GgufError::MisalignedTensor {
-                name,
-                offset,
-                alignment,
-            });
+            return Err(GgufError::MisalignedTensor { name, offset, alignment });
         }
         if !names.insert(name.clone()) {
             return Err(GgufError::DuplicateTensor(name));
         }
-        tensors.push(TensorInfo {
-            name,
-            shape,
-            ty,
-            offset,
-            len,
-        });
+        tensors.push(TensorInfo { name, shape, ty, offset, len });
     }
 
     let data_offset = (r.pos as u64).div_ceil(alignment) * alignment;
     let data_len = (bytes.len() as u64).saturating_sub(data_offset);
     for t in &tensors {
         if let Some(len) = t.len {
-            let end = t.offset.checked_add(len).unwrap_or(u64::MAX);
+            let end = t.offset.saturating_add(len);
             if end > data_len {
-                return Err(GgufError::TensorOutOfBounds {
-                    name: t.name.clone(),
-                    start: t.offset,
-                    end,
-                    len: data_len,
-                });
+                return Err(GgufError::TensorOutOfBounds { name: t.name.clone(), start: t.offset, end, len: data_len });
             }
         }
     }
-    Ok(GgufHeader {
-        version,
-        metadata,
-        tensors,
-        data_offset,
-        alignment,
-    })
+    Ok(GgufHeader { version, metadata, tensors, data_offset, alignment })
 }
 
 /// A bounds-checked little-endian cursor.
@@ -351,11 +278,7 @@ impl<'a> Reader<'a> {
 
     fn check_count(&self, what: &str, count: u64, min_each: u64) -> Result<(), GgufError> {
         if count.saturating_mul(min_each) > self.remaining() as u64 {
-            return Err(GgufError::ImpossibleCount {
-                what: what.to_string(),
-                count,
-                available: self.remaining(),
-            });
+            return Err(GgufError::ImpossibleCount { what: what.to_string(), count, available: self.remaining() });
         }
         Ok(())
     }
@@ -378,16 +301,11 @@ impl<'a> Reader<'a> {
     fn string(&mut self, what: &str) -> Result<String, GgufError> {
         let len = self.u64(what)?;
         let raw = self.take(what, len)?;
-        String::from_utf8(raw.to_vec()).map_err(|_| GgufError::BadUtf8 {
-            what: what.to_string(),
-        })
+        String::from_utf8(raw.to_vec()).map_err(|_| GgufError::BadUtf8 { what: what.to_string() })
     }
 
     fn value(&mut self, key: &str, ty: u32, depth: usize) -> Result<Value, GgufError> {
-        let vt = ValueType::from_id(ty).ok_or_else(|| GgufError::UnknownValueType {
-            key: key.to_string(),
-            id: ty,
-        })?;
+        let vt = ValueType::from_id(ty).ok_or_else(|| GgufError::UnknownValueType { key: key.to_string(), id: ty })?;
         Ok(match vt {
             ValueType::U8 => Value::U8(self.array::<1>(key)?[0]),
             ValueType::I8 => Value::I8(self.array::<1>(key)?[0] as i8),
@@ -413,16 +331,11 @@ impl<'a> Reader<'a> {
             ValueType::F64 => Value::F64(f64::from_le_bytes(self.array(key)?)),
             ValueType::Array => {
                 if depth >= MAX_ARRAY_DEPTH {
-                    return Err(GgufError::NestedTooDeep {
-                        key: key.to_string(),
-                    });
+                    return Err(GgufError::NestedTooDeep { key: key.to_string() });
                 }
                 let elem_ty = self.u32(key)?;
-                let elem =
-                    ValueType::from_id(elem_ty).ok_or_else(|| GgufError::UnknownValueType {
-                        key: key.to_string(),
-                        id: elem_ty,
-                    })?;
+                let elem = ValueType::from_id(elem_ty)
+                    .ok_or_else(|| GgufError::UnknownValueType { key: key.to_string(), id: elem_ty })?;
                 let n = self.u64(key)?;
                 self.check_count(&format!("array {key:?}"), n, elem.min_size())?;
                 let mut items = Vec::with_capacity(n as usize);

@@ -18,13 +18,7 @@ fn sample() -> Vec<u8> {
         .meta("strings", string_array(["a", "bc", ""]))
         .meta(
             "nested",
-            Value::Array(
-                ValueType::Array,
-                vec![Value::Array(
-                    ValueType::U32,
-                    vec![Value::U32(1), Value::U32(2)],
-                )],
-            ),
+            Value::Array(ValueType::Array, vec![Value::Array(ValueType::U32, vec![Value::U32(1), Value::U32(2)])]),
         );
     w.tensor("a", &[32, 2], TensorType::Q8_0, vec![1u8; 68]);
     w.tensor("b", &[3], TensorType::F32, vec![2u8; 12]);
@@ -39,12 +33,7 @@ fn round_trips_every_value_type() {
     assert_eq!(h.metadata["i16"], Value::I16(-700));
     assert_eq!(h.metadata["f64"], Value::F64(-2.25));
     assert_eq!(h.metadata["strings"].as_array().unwrap().len(), 3);
-    assert_eq!(
-        h.metadata["nested"].as_array().unwrap()[0]
-            .as_array()
-            .unwrap()[1],
-        Value::U32(2)
-    );
+    assert_eq!(h.metadata["nested"].as_array().unwrap()[0].as_array().unwrap()[1], Value::U32(2));
     assert_eq!(h.tensors[0].len, Some(68));
     assert_eq!(h.tensors[1].offset % 32, 0);
     let t = &h.tensors[1];
@@ -57,10 +46,7 @@ fn every_truncation_is_an_error() {
     let bytes = sample();
     let last_tensor_end = bytes.len();
     for cut in 0..last_tensor_end {
-        assert!(
-            parse_header(&bytes[..cut]).is_err(),
-            "truncated to {cut} bytes parsed"
-        );
+        assert!(parse_header(&bytes[..cut]).is_err(), "truncated to {cut} bytes parsed");
     }
 }
 
@@ -72,10 +58,7 @@ fn named_errors_for_lying_headers() {
 
     let mut v1 = sample();
     v1[4..8].copy_from_slice(&1u32.to_le_bytes());
-    assert_eq!(
-        parse_header(&v1).unwrap_err(),
-        GgufError::UnsupportedVersion(1)
-    );
+    assert_eq!(parse_header(&v1).unwrap_err(), GgufError::UnsupportedVersion(1));
 
     let mut be = sample();
     be[4..8].copy_from_slice(&3u32.to_be_bytes());
@@ -83,10 +66,7 @@ fn named_errors_for_lying_headers() {
 
     let mut many = sample();
     many[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
-    assert!(matches!(
-        parse_header(&many),
-        Err(GgufError::ImpossibleCount { .. })
-    ));
+    assert!(matches!(parse_header(&many), Err(GgufError::ImpossibleCount { .. })));
 
     let mut w = GgufWriter::new();
     w.tensor("w", &[32, 1 << 20], TensorType::Q8_0, vec![0u8; 34]);
@@ -96,57 +76,30 @@ fn named_errors_for_lying_headers() {
 
     let mut w = GgufWriter::new();
     w.tensor("z", &[0, 4], TensorType::F32, vec![]);
-    assert!(matches!(
-        parse_header(&w.to_bytes()),
-        Err(GgufError::BadShape { .. })
-    ));
+    assert!(matches!(parse_header(&w.to_bytes()), Err(GgufError::BadShape { .. })));
 
     let mut w = GgufWriter::new();
     w.tensor("r", &[33], TensorType::Q4_0, vec![0u8; 18]);
-    assert!(matches!(
-        parse_header(&w.to_bytes()),
-        Err(GgufError::RaggedTensor { .. })
-    ));
+    assert!(matches!(parse_header(&w.to_bytes()), Err(GgufError::RaggedTensor { .. })));
 
     let mut w = GgufWriter::new();
     w.meta("k", Value::U8(1)).meta("k", Value::U8(2));
-    assert_eq!(
-        parse_header(&w.to_bytes()).unwrap_err(),
-        GgufError::DuplicateKey("k".into())
-    );
+    assert_eq!(parse_header(&w.to_bytes()).unwrap_err(), GgufError::DuplicateKey("k".into()));
 
     let mut w = GgufWriter::new();
     w.meta("general.alignment", Value::U32(24));
-    assert_eq!(
-        parse_header(&w.to_bytes()).unwrap_err(),
-        GgufError::BadAlignment(24)
-    );
+    assert_eq!(parse_header(&w.to_bytes()).unwrap_err(), GgufError::BadAlignment(24));
 
     let mut w = GgufWriter::new();
     w.tensor("huge", &[u64::MAX / 2, 4], TensorType::F32, vec![]);
-    assert!(matches!(
-        parse_header(&w.to_bytes()),
-        Err(GgufError::BadShape { .. })
-    ));
+    assert!(matches!(parse_header(&w.to_bytes()), Err(GgufError::BadShape { .. })));
 
     let mut w = GgufWriter::new();
     w.tensor("t", &[4], TensorType::F32, vec![0u8; 16]);
     let mut b = w.to_bytes();
-    let type_at = b
-        .windows(9)
-        .position(|w| w == [1, 0, 0, 0, 0, 0, 0, 0, b't'])
-        .unwrap()
-        + 9
-        + 4
-        + 8;
+    let type_at = b.windows(9).position(|w| w == [1, 0, 0, 0, 0, 0, 0, 0, b't']).unwrap() + 9 + 4 + 8;
     b[type_at..type_at + 4].copy_from_slice(&99u32.to_le_bytes());
-    assert_eq!(
-        parse_header(&b).unwrap_err(),
-        GgufError::UnknownTensorType {
-            name: "t".into(),
-            id: 99
-        }
-    );
+    assert_eq!(parse_header(&b).unwrap_err(), GgufError::UnknownTensorType { name: "t".into(), id: 99 });
 }
 
 #[test]
@@ -157,10 +110,7 @@ fn deep_nesting_is_refused() {
     }
     let mut w = GgufWriter::new();
     w.meta("deep", v);
-    assert!(matches!(
-        parse_header(&w.to_bytes()),
-        Err(GgufError::NestedTooDeep { .. })
-    ));
+    assert!(matches!(parse_header(&w.to_bytes()), Err(GgufError::NestedTooDeep { .. })));
 }
 
 proptest! {

@@ -23,15 +23,8 @@ impl GgufWriter {
     }
 
     /// Adds a tensor; `shape` is in GGML order (innermost first) and `data` its raw bytes.
-    pub fn tensor(
-        &mut self,
-        name: &str,
-        shape: &[u64],
-        ty: TensorType,
-        data: Vec<u8>,
-    ) -> &mut Self {
-        self.tensors
-            .push((name.to_string(), shape.to_vec(), ty, data));
+    pub fn tensor(&mut self, name: &str, shape: &[u64], ty: TensorType, data: Vec<u8>) -> &mut Self {
+        self.tensors.push((name.to_string(), shape.to_vec(), ty, data));
         self
     }
 
@@ -102,8 +95,5 @@ fn put_value(out: &mut Vec<u8>, v: &Value) {
 
 /// Shorthand for a string array value.
 pub fn string_array<I: IntoIterator<Item = S>, S: Into<String>>(items: I) -> Value {
-    Value::Array(
-        ValueType::String,
-        items.into_iter().map(|s| Value::String(s.into())).collect(),
-    )
+    Value::Array(ValueType::String, items.into_iter().map(|s| Value::String(s.into())).collect())
 }

@@ -162,61 +162,33 @@ impl Model {
             (Format::Gguf, Arch::Llama | Arch::Mistral) => RopeStyle::Interleaved,
             _ => RopeStyle::HalfSplit,
         };
-        let factors: Option<Vec<f32>> =
-            if store.format == Format::Gguf && store.contains("rope_freqs.weight") {
-                Some(store.vector("rope_freqs.weight", c.rope_dim / 2)?)
-            } else {
-                match c.rope_scaling {
-                    RopeScaling::None => None,
-                    RopeScaling::Linear(f) => Some(vec![f as f32; c.rope_dim / 2]),
-                    RopeScaling::Llama3(s) => Some(s.freq_factors(c.rope_dim, c.rope_theta)),
-                }
-            };
-        if let Some(f) = &factors {
-            if f.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
-                return Err(EngineError::BadTensor {
-                    name: "rope_freqs.weight".into(),
-                    why: "non-positive factor".into(),
-                });
+        let factors: Option<Vec<f32>> = if store.format == Format::Gguf && store.contains("rope_freqs.weight") {
+            Some(store.vector("rope_freqs.weight", c.rope_dim / 2)?)
+        } else {
+            match c.rope_scaling {
+                RopeScaling::None => None,
+                RopeScaling::Linear(f) => Some(vec![f as f32; c.rope_dim / 2]),
+                RopeScaling::Llama3(s) => Some(s.freq_factors(c.rope_dim, c.rope_theta)),
             }
+        };
+        if let Some(f) = &factors
+            && f.iter().any(|v| !(v.is_finite() && *v > 0.0))
+        {
+            return Err(EngineError::BadTensor { name: "rope_freqs.weight".into(), why: "non-positive factor".into() });
         }
         let rope = Rope::new(style, c.rope_dim, c.rope_theta, factors.as_deref());
-        Ok(Self {
-            config,
-            store,
-            rope,
-            embed,
-            layers,
-            norm,
-            lm_head,
-        })
+        Ok(Self { config, store, rope, embed, layers, norm, lm_head })
     }
 
     /// A KV cache shaped for this model.
-    pub fn new_kv_cache(
-        &self,
-        block_size: usize,
-        num_blocks: usize,
-        dtype: crate::KvDtype,
-    ) -> KvCache {
+    pub fn new_kv_cache(&self, block_size: usize, num_blocks: usize, dtype: crate::KvDtype) -> KvCache {
         let c = &self.config;
-        KvCache::new(
-            c.n_layers,
-            c.n_kv_heads,
-            c.head_dim,
-            block_size,
-            num_blocks,
-            dtype,
-        )
+        KvCache::new(c.n_layers, c.n_kv_heads, c.head_dim, block_size, num_blocks, dtype)
     }
 
     /// Runs one batch. Writes the batch's K/V into `kv` and returns, per sequence, the logits
     /// its [`LogitsMode`] asked for (rows of `vocab_size`, concatenated).
-    pub fn forward(
-        &self,
-        batch: &[SeqInput<'_>],
-        kv: &mut KvCache,
-    ) -> Result<Vec<Vec<f32>>, EngineError> {
+    pub fn forward(&self, batch: &[SeqInput<'_>], kv: &mut KvCache) -> Result<Vec<Vec<f32>>, EngineError> {
         let c = &self.config;
         self.check_batch(batch, kv)?;
         let (hidden, hd) = (c.hidden, c.head_dim);
@@ -261,32 +233,23 @@ impl Model {
             matmul(&self.store.weight(&layer.wk)?, &xn, &mut k)?;
             matmul(&self.store.weight(&layer.wv)?, &xn, &mut v)?;
             if let Some([bq, bk, bv]) = &layer.bias {
-                q.chunks_exact_mut(q_dim)
-                    .for_each(|r| ops::add_assign(r, bq));
-                k.chunks_exact_mut(kv_dim)
-                    .for_each(|r| ops::add_assign(r, bk));
-                v.chunks_exact_mut(kv_dim)
-                    .for_each(|r| ops::add_assign(r, bv));
+                q.chunks_exact_mut(q_dim).for_each(|r| ops::add_assign(r, bq));
+                k.chunks_exact_mut(kv_dim).for_each(|r| ops::add_assign(r, bk));
+                v.chunks_exact_mut(kv_dim).for_each(|r| ops::add_assign(r, bv));
             }
             for t in 0..n {
-                self.rope
-                    .apply(&mut q[t * q_dim..(t + 1) * q_dim], hd, tok_pos[t]);
-                self.rope
-                    .apply(&mut k[t * kv_dim..(t + 1) * kv_dim], hd, tok_pos[t]);
+                self.rope.apply(&mut q[t * q_dim..(t + 1) * q_dim], hd, tok_pos[t]);
+                self.rope.apply(&mut k[t * kv_dim..(t + 1) * kv_dim], hd, tok_pos[t]);
             }
             let layout = kv.layout;
             match &mut kv.layers[li] {
                 LayerKv::F16 { k: kc, v: vc } => {
                     store_kv(layout, batch, &tok_seq, &tok_pos, &k, &v, kc, vc);
-                    attend(
-                        layout, c.n_heads, batch, &tok_seq, &tok_pos, &q, kc, vc, &mut attn,
-                    );
+                    attend(layout, c.n_heads, batch, &tok_seq, &tok_pos, &q, kc, vc, &mut attn);
                 }
                 LayerKv::F32 { k: kc, v: vc } => {
                     store_kv(layout, batch, &tok_seq, &tok_pos, &k, &v, kc, vc);
-                    attend(
-                        layout, c.n_heads, batch, &tok_seq, &tok_pos, &q, kc, vc, &mut attn,
-                    );
+                    attend(layout, c.n_heads, batch, &tok_seq, &tok_pos, &q, kc, vc, &mut attn);
                 }
             }
             matmul(&self.store.weight(&layer.wo)?, &attn, &mut proj)?;
@@ -329,32 +292,19 @@ impl Model {
 
     fn check_batch(&self, batch: &[SeqInput<'_>], kv: &KvCache) -> Result<(), EngineError> {
         let c = &self.config;
-        if kv.layers.len() != c.n_layers
-            || kv.layout.n_kv_heads != c.n_kv_heads
-            || kv.layout.head_dim != c.head_dim
-        {
-            return Err(EngineError::BadBatch(
-                "KV cache shape does not match the model".into(),
-            ));
+        if kv.layers.len() != c.n_layers || kv.layout.n_kv_heads != c.n_kv_heads || kv.layout.head_dim != c.head_dim {
+            return Err(EngineError::BadBatch("KV cache shape does not match the model".into()));
         }
         for (s, seq) in batch.iter().enumerate() {
             if seq.tokens.is_empty() && seq.logits != LogitsMode::None {
-                return Err(EngineError::BadBatch(format!(
-                    "sequence {s} has no tokens but asks for logits"
-                )));
+                return Err(EngineError::BadBatch(format!("sequence {s} has no tokens but asks for logits")));
             }
             if let Some(&id) = seq.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-                return Err(EngineError::TokenOutOfRange {
-                    id,
-                    vocab: c.vocab_size,
-                });
+                return Err(EngineError::TokenOutOfRange { id, vocab: c.vocab_size });
             }
             let end = seq.start_pos + seq.tokens.len();
             if end > c.context_length {
-                return Err(EngineError::ContextOverflow {
-                    len: end,
-                    max: c.context_length,
-                });
+                return Err(EngineError::ContextOverflow { len: end, max: c.context_length });
             }
             let need = end.div_ceil(kv.layout.block_size);
             if seq.block_table.len() < need {
@@ -363,10 +313,7 @@ impl Model {
                     seq.block_table.len()
                 )));
             }
-            if let Some(&b) = seq.block_table[..need]
-                .iter()
-                .find(|&&b| b as usize >= kv.num_blocks)
-            {
+            if let Some(&b) = seq.block_table[..need].iter().find(|&&b| b as usize >= kv.num_blocks) {
                 return Err(EngineError::BadBatch(format!(
                     "sequence {s}: block {b} is outside the pool of {}",
                     kv.num_blocks
@@ -416,20 +363,8 @@ fn attend<T: KvElem>(
     out: &mut [f32],
 ) {
     let q_dim = n_heads * layout.head_dim;
-    out.par_chunks_exact_mut(q_dim)
-        .enumerate()
-        .for_each_init(Vec::new, |scores, (t, o)| {
-            let table = batch[tok_seq[t]].block_table;
-            ops::paged_attention(
-                &q[t * q_dim..(t + 1) * q_dim],
-                n_heads,
-                layout,
-                kc,
-                vc,
-                table,
-                tok_pos[t] + 1,
-                o,
-                scores,
-            );
-        });
+    out.par_chunks_exact_mut(q_dim).enumerate().for_each_init(Vec::new, |scores, (t, o)| {
+        let table = batch[tok_seq[t]].block_table;
+        ops::paged_attention(&q[t * q_dim..(t + 1) * q_dim], n_heads, layout, kc, vc, table, tok_pos[t] + 1, o, scores);
+    });
 }

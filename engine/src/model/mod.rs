@@ -30,25 +30,17 @@ pub fn detect_format(path: &Path) -> Result<Format, EngineError> {
         if path.join("config.json").exists() {
             return Ok(Format::HuggingFace);
         }
-        return Err(EngineError::io(
-            path,
-            "directory has no config.json (expected a Hugging Face model)",
-        ));
+        return Err(EngineError::io(path, "directory has no config.json (expected a Hugging Face model)"));
     }
     let mut magic = [0u8; 4];
     use std::io::Read;
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .map_err(|e| EngineError::io(path, e))?;
+    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).map_err(|e| EngineError::io(path, e))?;
     if &magic == b"GGUF" {
         Ok(Format::Gguf)
     } else if path.extension().is_some_and(|e| e == "safetensors") {
         Ok(Format::HuggingFace)
     } else {
-        Err(EngineError::io(
-            path,
-            "neither a GGUF file nor a Hugging Face model directory",
-        ))
+        Err(EngineError::io(path, "neither a GGUF file nor a Hugging Face model directory"))
     }
 }
 
@@ -66,36 +58,22 @@ pub fn load(path: &Path) -> Result<Loaded, EngineError> {
                 .map(str::to_string)
                 .unwrap_or_else(|| file_stem(path));
             let model = Model::new(config, store)?;
-            Ok(Loaded {
-                model,
-                tokenizer,
-                name,
-            })
+            Ok(Loaded { model, tokenizer, name })
         }
         Format::HuggingFace => {
-            let dir: PathBuf = if path.is_dir() {
-                path.to_path_buf()
-            } else {
-                path.parent().unwrap_or(path).to_path_buf()
-            };
+            let dir: PathBuf =
+                if path.is_dir() { path.to_path_buf() } else { path.parent().unwrap_or(path).to_path_buf() };
             let cfg_path = dir.join("config.json");
-            let text =
-                std::fs::read_to_string(&cfg_path).map_err(|e| EngineError::io(&cfg_path, e))?;
+            let text = std::fs::read_to_string(&cfg_path).map_err(|e| EngineError::io(&cfg_path, e))?;
             let config = ModelConfig::from_hf_json(&text)?;
             let store = TensorStore::from_hf_dir(&dir)?;
             let tokenizer = Tokenizer::from_hf_dir(&dir)?;
             let model = Model::new(config, store)?;
-            Ok(Loaded {
-                model,
-                tokenizer,
-                name: file_stem(&dir),
-            })
+            Ok(Loaded { model, tokenizer, name: file_stem(&dir) })
         }
     }
 }
 
 fn file_stem(path: &Path) -> String {
-    path.file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into())
+    path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
 }

@@ -120,58 +120,23 @@ impl Weights {
             let v = rng.vec(n, scale).into_iter().map(|x| x + offset).collect();
             t.insert(name, (shape, v));
         };
-        put(
-            "model.embed_tokens.weight".into(),
-            vec![spec.vocab, h],
-            1.0,
-            0.0,
-        );
+        put("model.embed_tokens.weight".into(), vec![spec.vocab, h], 1.0, 0.0);
         for l in 0..spec.layers {
             let p = format!("model.layers.{l}.");
             put(format!("{p}input_layernorm.weight"), vec![h], 0.2, 1.0);
             put(format!("{p}self_attn.q_proj.weight"), vec![qd, h], 0.3, 0.0);
-            put(
-                format!("{p}self_attn.k_proj.weight"),
-                vec![kvd, h],
-                0.3,
-                0.0,
-            );
-            put(
-                format!("{p}self_attn.v_proj.weight"),
-                vec![kvd, h],
-                0.3,
-                0.0,
-            );
+            put(format!("{p}self_attn.k_proj.weight"), vec![kvd, h], 0.3, 0.0);
+            put(format!("{p}self_attn.v_proj.weight"), vec![kvd, h], 0.3, 0.0);
             put(format!("{p}self_attn.o_proj.weight"), vec![h, qd], 0.2, 0.0);
             if spec.variant == Variant::Qwen2 {
                 put(format!("{p}self_attn.q_proj.bias"), vec![qd], 0.5, 0.0);
                 put(format!("{p}self_attn.k_proj.bias"), vec![kvd], 0.5, 0.0);
                 put(format!("{p}self_attn.v_proj.bias"), vec![kvd], 0.5, 0.0);
             }
-            put(
-                format!("{p}post_attention_layernorm.weight"),
-                vec![h],
-                0.2,
-                1.0,
-            );
-            put(
-                format!("{p}mlp.gate_proj.weight"),
-                vec![spec.inter, h],
-                0.2,
-                0.0,
-            );
-            put(
-                format!("{p}mlp.up_proj.weight"),
-                vec![spec.inter, h],
-                0.2,
-                0.0,
-            );
-            put(
-                format!("{p}mlp.down_proj.weight"),
-                vec![h, spec.inter],
-                0.2,
-                0.0,
-            );
+            put(format!("{p}post_attention_layernorm.weight"), vec![h], 0.2, 1.0);
+            put(format!("{p}mlp.gate_proj.weight"), vec![spec.inter, h], 0.2, 0.0);
+            put(format!("{p}mlp.up_proj.weight"), vec![spec.inter, h], 0.2, 0.0);
+            put(format!("{p}mlp.down_proj.weight"), vec![h, spec.inter], 0.2, 0.0);
         }
         put("model.norm.weight".into(), vec![h], 0.2, 1.0);
         if !spec.tied {
@@ -197,19 +162,12 @@ impl Weights {
                 }
             }
         }
-        Weights {
-            spec: self.spec.clone(),
-            t,
-        }
+        Weights { spec: self.spec.clone(), t }
     }
 
     pub fn write_hf(&self, dir: &Path) {
         let s = &self.spec;
-        let arch = if s.variant == Variant::Qwen2 {
-            "qwen2"
-        } else {
-            "llama"
-        };
+        let arch = if s.variant == Variant::Qwen2 { "qwen2" } else { "llama" };
         let mut cfg = serde_json::json!({
             "architectures": [if arch == "qwen2" { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" }],
             "model_type": arch,
@@ -226,22 +184,12 @@ impl Weights {
         let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = self
             .t
             .iter()
-            .map(|(k, (shape, v))| {
-                (
-                    k.clone(),
-                    shape.clone(),
-                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                )
-            })
+            .map(|(k, (shape, v))| (k.clone(), shape.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect()))
             .collect();
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
             .iter()
             .map(|(k, shape, b)| {
-                (
-                    k.clone(),
-                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
-                        .unwrap(),
-                )
+                (k.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b).unwrap())
             })
             .collect();
         let data = safetensors::tensor::serialize(views, None).unwrap();
@@ -253,45 +201,20 @@ impl Weights {
     pub fn write_gguf(&self, path: &Path, ty: TensorType) {
         let s = &self.spec;
         let hd = s.head_dim();
-        let arch = if s.variant == Variant::Qwen2 {
-            "qwen2"
-        } else {
-            "llama"
-        };
+        let arch = if s.variant == Variant::Qwen2 { "qwen2" } else { "llama" };
         let mut w = GgufWriter::new();
         w.meta("general.architecture", Value::String(arch.into()))
             .meta(&format!("{arch}.block_count"), Value::U32(s.layers as u32))
             .meta(&format!("{arch}.context_length"), Value::U32(256))
-            .meta(
-                &format!("{arch}.embedding_length"),
-                Value::U32(s.hidden as u32),
-            )
-            .meta(
-                &format!("{arch}.feed_forward_length"),
-                Value::U32(s.inter as u32),
-            )
-            .meta(
-                &format!("{arch}.attention.head_count"),
-                Value::U32(s.heads as u32),
-            )
-            .meta(
-                &format!("{arch}.attention.head_count_kv"),
-                Value::U32(s.kv_heads as u32),
-            )
-            .meta(
-                &format!("{arch}.rope.freq_base"),
-                Value::F32(s.theta as f32),
-            )
-            .meta(
-                &format!("{arch}.attention.layer_norm_rms_epsilon"),
-                Value::F32(s.eps as f32),
-            )
+            .meta(&format!("{arch}.embedding_length"), Value::U32(s.hidden as u32))
+            .meta(&format!("{arch}.feed_forward_length"), Value::U32(s.inter as u32))
+            .meta(&format!("{arch}.attention.head_count"), Value::U32(s.heads as u32))
+            .meta(&format!("{arch}.attention.head_count_kv"), Value::U32(s.kv_heads as u32))
+            .meta(&format!("{arch}.rope.freq_base"), Value::F32(s.theta as f32))
+            .meta(&format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(s.eps as f32))
             .meta(&format!("{arch}.vocab_size"), Value::U32(s.vocab as u32))
             .meta("tokenizer.ggml.model", Value::String("gpt2".into()))
-            .meta(
-                "tokenizer.ggml.tokens",
-                Value::Array(ValueType::String, vec![]),
-            );
+            .meta("tokenizer.ggml.tokens", Value::Array(ValueType::String, vec![]));
         let permute = |v: &[f32], n_head: usize, cols: usize| -> Vec<f32> {
             // HF row h*hd + s*(hd/2) + i  →  GGUF row h*hd + 2i + s.
             let mut out = vec![0f32; v.len()];
@@ -300,8 +223,7 @@ impl Weights {
                     for i in 0..hd / 2 {
                         let src = h * hd + s_ * hd / 2 + i;
                         let dst = h * hd + 2 * i + s_;
-                        out[dst * cols..(dst + 1) * cols]
-                            .copy_from_slice(&v[src * cols..(src + 1) * cols]);
+                        out[dst * cols..(dst + 1) * cols].copy_from_slice(&v[src * cols..(src + 1) * cols]);
                     }
                 }
             }
@@ -309,10 +231,7 @@ impl Weights {
         };
         let add = |w: &mut GgufWriter, name: &str, shape: &[usize], v: &[f32], ty: TensorType| {
             let cols = *shape.last().unwrap();
-            let data: Vec<u8> = v
-                .chunks(cols)
-                .flat_map(|r| quantize_row(ty, r).unwrap())
-                .collect();
+            let data: Vec<u8> = v.chunks(cols).flat_map(|r| quantize_row(ty, r).unwrap()).collect();
             let ggml_shape: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
             w.tensor(name, &ggml_shape, ty, data);
         };
@@ -332,10 +251,7 @@ impl Weights {
             let (qs, q) = g("self_attn.q_proj.weight");
             let (ks, k) = g("self_attn.k_proj.weight");
             let (q, k) = if arch == "llama" {
-                (
-                    permute(q, s.heads, s.hidden),
-                    permute(k, s.kv_heads, s.hidden),
-                )
+                (permute(q, s.heads, s.hidden), permute(k, s.kv_heads, s.hidden))
             } else {
                 (q.clone(), k.clone())
             };
@@ -356,11 +272,7 @@ impl Weights {
                 ty,
             );
             if s.variant == Variant::Qwen2 {
-                for (hf, gg) in [
-                    ("q_proj", "attn_q"),
-                    ("k_proj", "attn_k"),
-                    ("v_proj", "attn_v"),
-                ] {
+                for (hf, gg) in [("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v")] {
                     let (shape, v) = g(&format!("self_attn.{hf}.bias"));
                     add(&mut w, &format!("{b}{gg}.bias"), shape, v, TensorType::F32);
                 }
@@ -372,61 +284,19 @@ impl Weights {
                 &g("post_attention_layernorm.weight").1,
                 TensorType::F32,
             );
-            add(
-                &mut w,
-                &format!("{b}ffn_gate.weight"),
-                &g("mlp.gate_proj.weight").0,
-                &g("mlp.gate_proj.weight").1,
-                ty,
-            );
-            add(
-                &mut w,
-                &format!("{b}ffn_up.weight"),
-                &g("mlp.up_proj.weight").0,
-                &g("mlp.up_proj.weight").1,
-                ty,
-            );
-            add(
-                &mut w,
-                &format!("{b}ffn_down.weight"),
-                &g("mlp.down_proj.weight").0,
-                &g("mlp.down_proj.weight").1,
-                ty,
-            );
+            add(&mut w, &format!("{b}ffn_gate.weight"), &g("mlp.gate_proj.weight").0, &g("mlp.gate_proj.weight").1, ty);
+            add(&mut w, &format!("{b}ffn_up.weight"), &g("mlp.up_proj.weight").0, &g("mlp.up_proj.weight").1, ty);
+            add(&mut w, &format!("{b}ffn_down.weight"), &g("mlp.down_proj.weight").0, &g("mlp.down_proj.weight").1, ty);
         }
-        add(
-            &mut w,
-            "output_norm.weight",
-            &[s.hidden],
-            self.get("model.norm.weight"),
-            TensorType::F32,
-        );
+        add(&mut w, "output_norm.weight", &[s.hidden], self.get("model.norm.weight"), TensorType::F32);
         if !s.tied {
-            add(
-                &mut w,
-                "output.weight",
-                &[s.vocab, s.hidden],
-                self.get("lm_head.weight"),
-                ty,
-            );
+            add(&mut w, "output.weight", &[s.vocab, s.hidden], self.get("lm_head.weight"), ty);
         }
         if s.llama3().is_some() {
             // llama.cpp stores Llama-3 scaling as per-pair frequency divisors.
-            let base: Vec<f64> = (0..hd / 2)
-                .map(|i| s.theta.powf(-((2 * i) as f64) / hd as f64))
-                .collect();
-            let factors: Vec<f32> = base
-                .iter()
-                .zip(s.inv_freq())
-                .map(|(b, f)| (b / f) as f32)
-                .collect();
-            add(
-                &mut w,
-                "rope_freqs.weight",
-                &[hd / 2],
-                &factors,
-                TensorType::F32,
-            );
+            let base: Vec<f64> = (0..hd / 2).map(|i| s.theta.powf(-((2 * i) as f64) / hd as f64)).collect();
+            let factors: Vec<f32> = base.iter().zip(s.inv_freq()).map(|(b, f)| (b / f) as f32).collect();
+            add(&mut w, "rope_freqs.weight", &[hd / 2], &factors, TensorType::F32);
         }
         std::fs::write(path, w.to_bytes()).unwrap();
     }
@@ -440,9 +310,7 @@ impl Weights {
         let n = tokens.len();
         let w = |name: &str| -> Vec<f64> { self.get(name).iter().map(|&x| x as f64).collect() };
         let matvec = |m: &[f64], x: &[f64]| -> Vec<f64> {
-            m.chunks(x.len())
-                .map(|row| row.iter().zip(x).map(|(a, b)| a * b).sum())
-                .collect()
+            m.chunks(x.len()).map(|row| row.iter().zip(x).map(|(a, b)| a * b).sum()).collect()
         };
         let rms = |x: &[f64], g: &[f64]| -> Vec<f64> {
             let r = (x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64 + s.eps).sqrt();
@@ -459,10 +327,8 @@ impl Weights {
             }
         };
         let emb = w("model.embed_tokens.weight");
-        let mut xs: Vec<Vec<f64>> = tokens
-            .iter()
-            .map(|&t| emb[t as usize * h..(t as usize + 1) * h].to_vec())
-            .collect();
+        let mut xs: Vec<Vec<f64>> =
+            tokens.iter().map(|&t| emb[t as usize * h..(t as usize + 1) * h].to_vec()).collect();
         for l in 0..s.layers {
             let p = format!("model.layers.{l}.");
             let (wq, wk, wv, wo) = (
@@ -503,10 +369,7 @@ impl Weights {
                     let q = &qs[i][head * hd..(head + 1) * hd];
                     let scores: Vec<f64> = (0..=i)
                         .map(|j| {
-                            q.iter()
-                                .zip(&ks[j][kvh * hd..(kvh + 1) * hd])
-                                .map(|(a, b)| a * b)
-                                .sum::<f64>()
+                            q.iter().zip(&ks[j][kvh * hd..(kvh + 1) * hd]).map(|(a, b)| a * b).sum::<f64>()
                                 / (hd as f64).sqrt()
                         })
                         .collect();
@@ -534,33 +397,21 @@ impl Weights {
                 let xn = rms(x, &g2);
                 let gate = matvec(&wg, &xn);
                 let up = matvec(&wu, &xn);
-                let act: Vec<f64> = gate
-                    .iter()
-                    .zip(&up)
-                    .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
-                    .collect();
+                let act: Vec<f64> = gate.iter().zip(&up).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
                 for (a, b) in x.iter_mut().zip(matvec(&wd, &act)) {
                     *a += b;
                 }
             }
         }
         let gn = w("model.norm.weight");
-        let head = if s.tied {
-            w("model.embed_tokens.weight")
-        } else {
-            w("lm_head.weight")
-        };
+        let head = if s.tied { w("model.embed_tokens.weight") } else { w("lm_head.weight") };
         xs.iter().map(|x| matvec(&head, &rms(x, &gn))).collect()
     }
 }
 
 /// max |a - b| / max |b|.
 pub fn rel_err(a: &[f32], b: &[f64]) -> f64 {
-    let num = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - y).abs())
-        .fold(0.0, f64::max);
+    let num = a.iter().zip(b).map(|(x, y)| (*x as f64 - y).abs()).fold(0.0, f64::max);
     let den = b.iter().map(|y| y.abs()).fold(0.0, f64::max);
     num / den
 }

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The project's test command (README's second command): lints, unit and tiny-model tests in
+# debug, then one release build that the default-model and CLI tests share.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== fmt and clippy"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+echo "== unit and tiny-model tests (debug)"
+cargo test --workspace --exclude tandem
+
+echo "== release build and the default model"
+cargo build --release
+./target/release/tandem fetch-model >/dev/null
+
+echo "== default-model and CLI tests (release)"
+cargo test --release -p tandem
