@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use tandem_engine::gguf::{GgufWriter, Value, ValueType};
+use tandem_engine::gguf::{GgufWriter, Value, ValueType, string_array};
 use tandem_kernels::TensorType;
 use tandem_kernels::quant::{dequantize_row, quantize_row};
 
@@ -181,19 +181,47 @@ impl Weights {
                 "low_freq_factor": low, "high_freq_factor": high, "original_max_position_embeddings": orig as usize});
         }
         std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
-        let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = self
-            .t
-            .iter()
-            .map(|(k, (shape, v))| (k.clone(), shape.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect()))
-            .collect();
-        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
-            .iter()
-            .map(|(k, shape, b)| {
-                (k.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b).unwrap())
-            })
-            .collect();
-        let data = safetensors::tensor::serialize(views, None).unwrap();
-        std::fs::write(dir.join("model.safetensors"), data).unwrap();
+        self.write_shards(dir, 1);
+    }
+
+    /// Writes the weights as `shards` safetensors files plus `model.safetensors.index.json`
+    /// (a single `model.safetensors` when `shards == 1`).
+    pub fn write_shards(&self, dir: &Path, shards: usize) {
+        let mut names: Vec<&String> = self.t.keys().collect();
+        names.sort();
+        let mut weight_map = serde_json::Map::new();
+        for shard in 0..shards {
+            let file = if shards == 1 {
+                "model.safetensors".to_string()
+            } else {
+                format!("model-{:05}-of-{:05}.safetensors", shard + 1, shards)
+            };
+            let mine: Vec<&String> = names.iter().copied().skip(shard).step_by(shards).collect();
+            let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = mine
+                .iter()
+                .map(|k| {
+                    let (shape, v) = &self.t[*k];
+                    ((*k).clone(), shape.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect())
+                })
+                .collect();
+            let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+                .iter()
+                .map(|(k, shape, b)| {
+                    (
+                        k.clone(),
+                        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b).unwrap(),
+                    )
+                })
+                .collect();
+            std::fs::write(dir.join(&file), safetensors::tensor::serialize(views, None).unwrap()).unwrap();
+            for k in mine {
+                weight_map.insert(k.clone(), serde_json::Value::String(file.clone()));
+            }
+        }
+        if shards > 1 {
+            let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+            std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+        }
     }
 
     /// Writes the same network as llama.cpp's converter would: GGUF names, q/k rows permuted
@@ -214,7 +242,10 @@ impl Weights {
             .meta(&format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(s.eps as f32))
             .meta(&format!("{arch}.vocab_size"), Value::U32(s.vocab as u32))
             .meta("tokenizer.ggml.model", Value::String("gpt2".into()))
-            .meta("tokenizer.ggml.tokens", Value::Array(ValueType::String, vec![]));
+            .meta("tokenizer.ggml.pre", Value::String("gpt2".into()))
+            .meta("tokenizer.ggml.tokens", string_array(tiny_vocab()))
+            .meta("tokenizer.ggml.merges", Value::Array(ValueType::String, vec![]))
+            .meta("tokenizer.ggml.eos_token_id", Value::U32(93));
         let permute = |v: &[f32], n_head: usize, cols: usize| -> Vec<f32> {
             // HF row h*hd + s*(hd/2) + i  →  GGUF row h*hd + 2i + s.
             let mut out = vec![0f32; v.len()];
@@ -407,6 +438,30 @@ impl Weights {
         let head = if s.tied { w("model.embed_tokens.weight") } else { w("lm_head.weight") };
         xs.iter().map(|x| matvec(&head, &rms(x, &gn))).collect()
     }
+}
+
+/// A 96-token byte-level vocabulary: printable ASCII (`!`..`~`, ids 0..94) plus space `Ġ`
+/// (94) and newline `Ċ` (95), written the way GPT-2 byte-level BPE writes them.
+pub fn tiny_vocab() -> Vec<String> {
+    let mut v: Vec<String> = (b'!'..=b'~').map(|b| (b as char).to_string()).collect();
+    v.push("\u{120}".into());
+    v.push("\u{10a}".into());
+    v
+}
+
+/// `tokenizer.json` for [`tiny_vocab`]: byte-level BPE with no merges.
+pub fn tiny_tokenizer_json() -> String {
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        tiny_vocab().into_iter().enumerate().map(|(i, t)| (t, serde_json::json!(i))).collect();
+    serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "vocab": vocab, "merges": []},
+    })
+    .to_string()
 }
 
 /// max |a - b| / max |b|.
