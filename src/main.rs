@@ -197,6 +197,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         top_p: args.top_p,
         top_k: args.top_k,
         seed: args.seed,
+        ..SamplingParams::default()
     });
     let mut decoder = IncrementalDecoder::new(true);
     let mut out = std::io::stdout().lock();

@@ -6,6 +6,7 @@
 //! across requests, the network and HTTP live in the node and router crates; the arithmetic
 //! lives in `tandem-kernels`.
 
+pub mod block_manager;
 pub mod chat;
 pub mod config;
 pub mod generate;
@@ -13,6 +14,8 @@ pub mod gguf;
 pub mod kv;
 pub mod model;
 pub mod sampler;
+pub mod scheduler;
+pub mod stop;
 pub mod tokenizer;
 pub mod weights;
 
