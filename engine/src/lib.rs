@@ -13,6 +13,7 @@ pub mod generate;
 pub mod gguf;
 pub mod kv;
 pub mod model;
+pub mod runner;
 pub mod sampler;
 pub mod scheduler;
 pub mod stop;
@@ -59,6 +60,8 @@ pub enum EngineError {
     OutOfBlocks { needed: usize, free: usize },
     #[error("sequence of {len} tokens exceeds the context length {max}")]
     ContextOverflow { len: usize, max: usize },
+    #[error("request needs {len} KV positions but the whole KV pool holds {capacity}")]
+    KvCapacity { len: usize, capacity: usize },
 }
 
 impl EngineError {

@@ -185,7 +185,7 @@ impl Scheduler {
         }
         let max_len = prompt.len() + max_new_tokens;
         if max_len > self.capacity_tokens() {
-            return Err(EngineError::ContextOverflow { len: max_len, max: self.capacity_tokens() });
+            return Err(EngineError::KvCapacity { len: max_len, capacity: self.capacity_tokens() });
         }
         let prompt_len = prompt.len();
         self.seqs.insert(id, Sequence { tokens: prompt, prompt_len, computed: 0, blocks: None, arrival: 0 });

@@ -123,7 +123,7 @@ fn prefix_cache_hits_skip_compute() {
 #[test]
 fn impossible_requests_are_refused_up_front() {
     let mut s = Scheduler::new(cfg(Policy::Chunked), 4, 4);
-    assert!(matches!(s.add(r(1), vec![1; 10], 7), Err(EngineError::ContextOverflow { .. })));
+    assert!(matches!(s.add(r(1), vec![1; 10], 7), Err(EngineError::KvCapacity { .. })));
     assert!(s.add(r(1), vec![], 1).is_err());
     s.add(r(1), vec![1; 4], 4).unwrap();
     assert!(s.add(r(1), vec![1; 4], 4).is_err(), "duplicate id");
