@@ -1,16 +1,20 @@
 //! `tandem`: one binary for every role. Each subcommand parses its own flags and calls into
 //! the library crates.
 
+mod bench_engine;
 mod fetch;
+mod sizing;
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use tandem_engine::chat::ChatMessage;
 use tandem_engine::generate::{Finish, Generator};
 use tandem_engine::model::{Loaded, load};
+use tandem_engine::runner::EngineConfig;
 use tandem_engine::sampler::{Sampler, SamplingParams};
 use tandem_engine::{IncrementalDecoder, KvDtype, Tokenizer};
 
@@ -42,6 +46,8 @@ enum Command {
         no_special: bool,
         text: String,
     },
+    /// Measure prefill and decode throughput and per-policy latency on this machine.
+    BenchEngine(BenchEngineArgs),
     /// Print the text of a JSON array of token ids (read from stdin when IDS is omitted).
     Detokenize {
         #[command(flatten)]
@@ -105,10 +111,45 @@ struct GenerateArgs {
     print_ids: bool,
 }
 
+#[derive(Debug, Args)]
+struct BenchEngineArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Repetitions of each measurement; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Decode batch sizes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,32,64")]
+    batches: Vec<usize>,
+    /// Decode steps timed per batch.
+    #[arg(long, default_value_t = 32)]
+    decode_steps: usize,
+    /// Requests in the mixed workload.
+    #[arg(long, default_value_t = 32)]
+    mixed_requests: usize,
+    /// Arrival rate of the mixed workload, requests per second.
+    #[arg(long, default_value_t = 1.0)]
+    mixed_rate: f64,
+    /// KV pool size, e.g. 2GiB [default: 1GiB].
+    #[arg(long, env = "TANDEM_KV_CACHE_BYTES")]
+    kv_cache_bytes: Option<String>,
+    /// KV pool as a fraction of available memory (instead of --kv-cache-bytes).
+    #[arg(long, env = "TANDEM_KV_CACHE_FRACTION")]
+    kv_cache_fraction: Option<f64>,
+    #[arg(long, default_value = "f16")]
+    kv_dtype: KvDtype,
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    /// Per-step token budget of the chunked policy.
+    #[arg(long, default_value_t = 256)]
+    chunk_size: usize,
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Generate(args) => generate(args),
+        Command::BenchEngine(args) => bench(args),
         Command::FetchModel { cache } => {
             let path = fetch::fetch(&fetch::cache_dir(cache.cache_dir.as_deref())?)?;
             println!("{}", path.display());
@@ -140,6 +181,40 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn bench(args: BenchEngineArgs) -> Result<()> {
+    if args.runs == 0 || args.batches.contains(&0) || args.decode_steps == 0 || args.mixed_requests == 0 {
+        bail!("--runs, --batches, --decode-steps and --mixed-requests must be positive");
+    }
+    if !(args.mixed_rate.is_finite() && args.mixed_rate > 0.0) {
+        bail!("--mixed-rate must be a positive number of requests per second");
+    }
+    if !(1..=1024).contains(&args.block_size) || args.chunk_size == 0 {
+        bail!("--block-size must be in 1..=1024 and --chunk-size positive");
+    }
+    let loaded = open_model(&args.model)?;
+    let budget = sizing::kv_budget(args.kv_cache_bytes.as_deref(), args.kv_cache_fraction)?;
+    let num_blocks = EngineConfig::blocks_for_bytes(&loaded.model, budget, args.block_size, args.kv_dtype);
+    let max_batch = args.batches.iter().copied().max().unwrap_or(1);
+    let need = (max_batch * (32 + args.decode_steps + 1)).max(64 * 320).div_ceil(args.block_size);
+    if num_blocks < need {
+        bail!(
+            "a KV budget of {budget} bytes holds {num_blocks} blocks; this benchmark needs {need} (raise --kv-cache-bytes)"
+        );
+    }
+    let opts = bench_engine::BenchOptions {
+        runs: args.runs,
+        batches: args.batches,
+        decode_steps: args.decode_steps,
+        mixed_requests: args.mixed_requests,
+        mixed_rate: args.mixed_rate,
+        kv_dtype: args.kv_dtype,
+        block_size: args.block_size,
+        num_blocks,
+        chunk_size: args.chunk_size,
+    };
+    bench_engine::run(Arc::new(loaded.model), Arc::new(loaded.tokenizer), &loaded.name, &opts)
 }
 
 fn open_model(args: &ModelArgs) -> Result<Loaded> {

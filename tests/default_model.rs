@@ -236,3 +236,60 @@ fn cli_bad_input_gets_clear_errors() {
     let out = Command::new(BIN).args(["generate", "--prompt", "x", "--model", "/nonexistent.gguf"]).output().unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("/nonexistent.gguf"));
 }
+
+#[test]
+fn engine_batching_chunking_and_preemption_keep_greedy_tokens_on_the_default_model() {
+    use std::sync::Arc;
+    use tandem_engine::runner::{EngineConfig, EngineCore, EngineHandle, GenerateRequest, TokenEvent};
+    use tandem_engine::scheduler::{Policy, SchedulerConfig};
+
+    let loaded = load(&model_path()).unwrap();
+    let tok = Arc::new(loaded.tokenizer);
+    let model = Arc::new(loaded.model);
+    let topics = ["the sea", "a robot", "Paris", "mountains", "coffee", "the moon", "rain", "a library"];
+    let reqs: Vec<GenerateRequest> = (0..33)
+        .map(|i| {
+            let text = format!("Write one sentence about {} number {i}.", topics[i % topics.len()]);
+            let prompt = tok.encode(&text, true).unwrap();
+            let mut r = GenerateRequest::greedy(prompt, 8);
+            r.ignore_eos = true;
+            r
+        })
+        .collect();
+    let spawn = |policy, num_blocks, chunk_size| {
+        let cfg = EngineConfig {
+            scheduler: SchedulerConfig { policy, max_running: 64, max_batched_tokens: 512, chunk_size },
+            block_size: 16,
+            num_blocks,
+            kv_dtype: KvDtype::F16,
+        };
+        EngineHandle::spawn(EngineCore::new(model.clone(), tok.clone(), cfg)).unwrap()
+    };
+    let collect = |mut s: tandem_engine::runner::RequestStream| {
+        let mut ids = Vec::new();
+        while let Some(ev) = s.blocking_next() {
+            match ev {
+                TokenEvent::First(t) | TokenEvent::Token(t) => ids.push(t.id),
+                TokenEvent::End(_) => break,
+            }
+        }
+        ids
+    };
+    // Alone: four of them, one at a time.
+    let solo = spawn(Policy::Chunked, 64, 256);
+    let alone: Vec<Vec<u32>> = [0usize, 7, 19, 32].iter().map(|&i| collect(solo.submit(reqs[i].clone()).unwrap())).collect();
+    // Together: all 33 at once, chunked into 8-token pieces, in a pool too small for all of them.
+    for (policy, blocks, chunk) in [(Policy::Chunked, 512, 8), (Policy::Chunked, 12, 64), (Policy::PrefillFirst, 512, 64)] {
+        let e = spawn(policy, blocks, chunk);
+        let streams: Vec<_> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
+        let together: Vec<Vec<u32>> = streams.into_iter().map(collect).collect();
+        for (k, &i) in [0usize, 7, 19, 32].iter().enumerate() {
+            assert_eq!(alone[k], together[i], "{policy} blocks={blocks} chunk={chunk}: request {i}");
+        }
+        let stats = e.blocking_stats().unwrap();
+        assert_eq!(stats.blocks.used, 0, "blocks still held");
+        if blocks == 12 {
+            assert!(stats.scheduler.preemptions > 0, "12 blocks cannot hold 33 sequences without preemption");
+        }
+    }
+}
