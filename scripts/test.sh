@@ -10,6 +10,9 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 echo "== unit and tiny-model tests (debug)"
 cargo test --workspace --exclude tandem
+# The portable kernels are the reference every SIMD path is checked against: run the model
+# tests on them too.
+TANDEM_ISA=scalar cargo test -p tandem-engine --test forward --test engine_loop
 
 echo "== release build and the default model"
 cargo build --release

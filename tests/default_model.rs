@@ -277,9 +277,12 @@ fn engine_batching_chunking_and_preemption_keep_greedy_tokens_on_the_default_mod
     };
     // Alone: four of them, one at a time.
     let solo = spawn(Policy::Chunked, 64, 256);
-    let alone: Vec<Vec<u32>> = [0usize, 7, 19, 32].iter().map(|&i| collect(solo.submit(reqs[i].clone()).unwrap())).collect();
+    let alone: Vec<Vec<u32>> =
+        [0usize, 7, 19, 32].iter().map(|&i| collect(solo.submit(reqs[i].clone()).unwrap())).collect();
     // Together: all 33 at once, chunked into 8-token pieces, in a pool too small for all of them.
-    for (policy, blocks, chunk) in [(Policy::Chunked, 512, 8), (Policy::Chunked, 12, 64), (Policy::PrefillFirst, 512, 64)] {
+    for (policy, blocks, chunk) in
+        [(Policy::Chunked, 512, 8), (Policy::Chunked, 12, 64), (Policy::PrefillFirst, 512, 64)]
+    {
         let e = spawn(policy, blocks, chunk);
         let streams: Vec<_> = reqs.iter().map(|r| e.submit(r.clone()).unwrap()).collect();
         let together: Vec<Vec<u32>> = streams.into_iter().map(collect).collect();

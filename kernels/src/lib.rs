@@ -11,9 +11,11 @@
 //! Every op has a scalar path written for clarity; it is the reference that faster paths are
 //! tested against and it always compiles.
 
+pub mod attention;
 pub mod matmul;
 pub mod ops;
 pub mod quant;
+pub mod simd;
 
 pub use matmul::{WeightMatrix, matmul};
 pub use quant::TensorType;

@@ -1,14 +1,17 @@
 //! Matrix products against weights kept in their stored block format.
 //!
-//! The scalar path expands one weight row at a time into f32 and dots it with every token's
-//! activations, so the dequantization cost is paid once per row per call and the batch only
-//! adds dot products. Each (row, token) dot runs in the same fixed order whatever the batch
-//! size: a sequence's logits do not depend on what else is in the batch.
+//! A task expands a block of weight rows into f32 once and runs the shared dot-product tile
+//! ([`crate::simd`]) against every token's activations, so dequantization is paid once per
+//! row per call and the batch only adds multiply-adds. Each (row, token) dot follows the
+//! same arithmetic contract whatever the batch: a sequence's logits do not depend on what
+//! else is in the batch.
 
 use rayon::prelude::*;
 
 use crate::KernelError;
 use crate::quant::{TensorType, dequantize_row};
+pub use crate::simd::dot;
+use crate::simd::{dots, isa};
 
 /// A borrowed `rows × cols` weight matrix in row-major block layout.
 #[derive(Debug, Clone, Copy)]
@@ -61,20 +64,19 @@ pub fn matmul(w: &WeightMatrix<'_>, x: &[f32], y: &mut [f32]) -> Result<(), Kern
         return Err(KernelError::Shape { what: "matmul output length", left: y.len(), right: n_tokens * w.rows });
     }
     w.ty.row_bytes(w.cols)?;
+    let isa = isa();
     let tasks: Vec<(usize, Vec<f32>)> = (0..w.rows.div_ceil(ROWS_PER_TASK))
         .into_par_iter()
         .map(|task| {
             let r0 = task * ROWS_PER_TASK;
             let r1 = (r0 + ROWS_PER_TASK).min(w.rows);
-            let mut row = vec![0f32; w.cols];
-            let mut out = vec![0f32; (r1 - r0) * n_tokens];
-            for r in r0..r1 {
+            let mut rows = vec![0f32; (r1 - r0) * w.cols];
+            for (r, buf) in (r0..r1).zip(rows.chunks_exact_mut(w.cols)) {
                 // Length and type were checked above, so this cannot fail.
-                let _ = dequantize_row(w.ty, w.row_bytes(r), &mut row);
-                for t in 0..n_tokens {
-                    out[(r - r0) * n_tokens + t] = dot(&row, &x[t * w.cols..(t + 1) * w.cols]);
-                }
+                let _ = dequantize_row(w.ty, w.row_bytes(r), buf);
             }
+            let mut out = vec![0f32; (r1 - r0) * n_tokens];
+            dots(isa, &rows, x, w.cols, &mut out);
             (r0, out)
         })
         .collect();
@@ -87,32 +89,6 @@ pub fn matmul(w: &WeightMatrix<'_>, x: &[f32], y: &mut [f32]) -> Result<(), Kern
         }
     }
     Ok(())
-}
-
-/// Dot product with 16 independent partial sums combined in a fixed order: vectorizes
-/// without fast-math and gives the same bits for the same inputs every time.
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const L: usize = 16;
-    let mut acc = [0f32; L];
-    let ca = a.chunks_exact(L);
-    let cb = b.chunks_exact(L);
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (xa, xb) in ca.zip(cb) {
-        for i in 0..L {
-            acc[i] += xa[i] * xb[i];
-        }
-    }
-    for (i, (p, q)) in ra.iter().zip(rb).enumerate() {
-        acc[i] += p * q;
-    }
-    let mut width = L;
-    while width > 1 {
-        width /= 2;
-        for i in 0..width {
-            acc[i] += acc[i + width];
-        }
-    }
-    acc[0]
 }
 
 #[cfg(test)]

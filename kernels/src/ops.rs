@@ -1,9 +1,6 @@
-//! Element-wise and small reduction ops of a Llama-family layer, and attention over a paged
-//! KV cache.
+//! Element-wise and small reduction ops of a Llama-family layer, and the paged KV layout.
 
 use half::f16;
-
-use crate::matmul::dot;
 
 /// `out = x / rms(x) * weight`, with the mean of squares accumulated in f64 so that the
 /// norm is exact to f32 precision whatever the hidden size.
@@ -86,6 +83,8 @@ pub fn add_assign(x: &mut [f32], y: &[f32]) {
 pub trait KvElem: Copy + Send + Sync + Default + 'static {
     fn from_f32(v: f32) -> Self;
     fn to_f32(self) -> f32;
+    /// Converts a run of elements (SIMD where the CPU has it).
+    fn convert(src: &[Self], dst: &mut [f32]);
 }
 
 impl KvElem for f32 {
@@ -95,6 +94,9 @@ impl KvElem for f32 {
     fn to_f32(self) -> f32 {
         self
     }
+    fn convert(src: &[Self], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
 }
 
 impl KvElem for f16 {
@@ -103,6 +105,10 @@ impl KvElem for f16 {
     }
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
+    }
+    fn convert(src: &[Self], dst: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        src.convert_to_f32_slice(dst);
     }
 }
 
@@ -123,54 +129,6 @@ impl PagedLayout {
     }
 }
 
-/// Causal attention of one query token (all heads) over positions `0..n_ctx` of a sequence
-/// stored in a paged pool. Grouped-query: query head `h` reads KV head
-/// `h / (n_heads / n_kv_heads)` in place, without copying K/V per query head.
-#[allow(clippy::too_many_arguments)]
-pub fn paged_attention<T: KvElem>(
-    q: &[f32],
-    n_heads: usize,
-    layout: PagedLayout,
-    k_pool: &[T],
-    v_pool: &[T],
-    block_table: &[u32],
-    n_ctx: usize,
-    out: &mut [f32],
-    scores: &mut Vec<f32>,
-) {
-    let hd = layout.head_dim;
-    let group = n_heads / layout.n_kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let mut kbuf = vec![0f32; hd];
-    for h in 0..n_heads {
-        let kvh = h / group;
-        let qh = &q[h * hd..(h + 1) * hd];
-        scores.clear();
-        for pos in 0..n_ctx {
-            let off = layout.offset(block_table, pos, kvh);
-            for (d, k) in kbuf.iter_mut().zip(&k_pool[off..off + hd]) {
-                *d = k.to_f32();
-            }
-            scores.push(dot(qh, &kbuf) * scale);
-        }
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        let oh = &mut out[h * hd..(h + 1) * hd];
-        oh.fill(0.0);
-        for (pos, s) in scores.iter().enumerate() {
-            let off = layout.offset(block_table, pos, kvh);
-            let p = s / sum;
-            for (o, v) in oh.iter_mut().zip(&v_pool[off..off + hd]) {
-                *o += p * v.to_f32();
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,16 +145,5 @@ mod tests {
         for j in 0..hd {
             assert!((b[j] - a[(j % 2) * hd / 2 + j / 2]).abs() < 1e-6);
         }
-    }
-
-    #[test]
-    fn attention_over_one_position_returns_its_value() {
-        let layout = PagedLayout { block_size: 2, n_kv_heads: 1, head_dim: 2 };
-        let k = vec![0f32, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0];
-        let v = vec![0f32, 0.0, 0.0, 0.0, 3.0, 4.0, 0.0, 0.0];
-        let mut out = vec![0f32; 4];
-        let mut s = Vec::new();
-        paged_attention(&[1.0, 1.0, -1.0, 2.0], 2, layout, &k, &v, &[1], 1, &mut out, &mut s);
-        assert_eq!(out, vec![3.0, 4.0, 3.0, 4.0]);
     }
 }

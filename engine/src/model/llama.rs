@@ -6,7 +6,7 @@
 //! scheduler produces. Projections run once over all tokens of the batch; attention runs per
 //! token against that token's own sequence.
 
-use rayon::prelude::*;
+use tandem_kernels::attention::{AttnSeq, paged_attention};
 use tandem_kernels::matmul;
 use tandem_kernels::ops::{self, KvElem, PagedLayout, Rope, RopeStyle};
 
@@ -210,6 +210,20 @@ impl Model {
             return Ok(batch.iter().map(|_| Vec::new()).collect());
         }
 
+        let mut attn_seqs = Vec::with_capacity(batch.len());
+        let mut first_row = 0;
+        for seq in batch {
+            if !seq.tokens.is_empty() {
+                attn_seqs.push(AttnSeq {
+                    first_row,
+                    n_tokens: seq.tokens.len(),
+                    start_pos: seq.start_pos,
+                    block_table: seq.block_table,
+                });
+            }
+            first_row += seq.tokens.len();
+        }
+
         let embed = self.store.weight(&self.embed)?;
         let mut x = vec![0f32; n * hidden];
         for (row, &t) in x.chunks_exact_mut(hidden).zip(&tokens) {
@@ -245,11 +259,11 @@ impl Model {
             match &mut kv.layers[li] {
                 LayerKv::F16 { k: kc, v: vc } => {
                     store_kv(layout, batch, &tok_seq, &tok_pos, &k, &v, kc, vc);
-                    attend(layout, c.n_heads, batch, &tok_seq, &tok_pos, &q, kc, vc, &mut attn);
+                    paged_attention(&attn_seqs, &q, c.n_heads, layout, kc, vc, &mut attn);
                 }
                 LayerKv::F32 { k: kc, v: vc } => {
                     store_kv(layout, batch, &tok_seq, &tok_pos, &k, &v, kc, vc);
-                    attend(layout, c.n_heads, batch, &tok_seq, &tok_pos, &q, kc, vc, &mut attn);
+                    paged_attention(&attn_seqs, &q, c.n_heads, layout, kc, vc, &mut attn);
                 }
             }
             matmul(&self.store.weight(&layer.wo)?, &attn, &mut proj)?;
@@ -348,23 +362,4 @@ fn store_kv<T: KvElem>(
             }
         }
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn attend<T: KvElem>(
-    layout: PagedLayout,
-    n_heads: usize,
-    batch: &[SeqInput<'_>],
-    tok_seq: &[usize],
-    tok_pos: &[usize],
-    q: &[f32],
-    kc: &[T],
-    vc: &[T],
-    out: &mut [f32],
-) {
-    let q_dim = n_heads * layout.head_dim;
-    out.par_chunks_exact_mut(q_dim).enumerate().for_each_init(Vec::new, |scores, (t, o)| {
-        let table = batch[tok_seq[t]].block_table;
-        ops::paged_attention(&q[t * q_dim..(t + 1) * q_dim], n_heads, layout, kc, vc, table, tok_pos[t] + 1, o, scores);
-    });
 }
