@@ -125,7 +125,9 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     out[0]
 }
 
+// Index loops over small register arrays mirror the tile's shape; iterators would hide it.
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::needless_range_loop)]
 mod x86 {
     use std::arch::x86_64::*;
 
