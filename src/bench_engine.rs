@@ -38,6 +38,7 @@ fn core(model: &Arc<Model>, tok: &Arc<Tokenizer>, o: &BenchOptions, policy: Poli
         block_size: o.block_size,
         num_blocks: o.num_blocks,
         kv_dtype: o.kv_dtype,
+        threads: rayon::current_num_threads(),
     };
     EngineCore::new(model.clone(), tok.clone(), cfg)
 }

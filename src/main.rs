@@ -21,6 +21,9 @@ use tandem_engine::{IncrementalDecoder, KvDtype, Tokenizer};
 #[derive(Debug, Parser)]
 #[command(name = "tandem", version, about = "Disaggregated prefill/decode LLM serving")]
 struct Cli {
+    /// Worker threads for model compute [default: all cores].
+    #[arg(long, global = true, env = "TANDEM_THREADS")]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -73,9 +76,6 @@ struct ModelArgs {
     model: Option<PathBuf>,
     #[command(flatten)]
     cache: CacheArgs,
-    /// Worker threads for the forward pass [default: all cores].
-    #[arg(long, env = "TANDEM_THREADS")]
-    threads: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -147,7 +147,21 @@ struct BenchEngineArgs {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    match cli.command {
+    if cli.threads == Some(0) {
+        bail!("--threads must be at least 1");
+    }
+    // Run the command on a worker of the compute pool, so that each parallel op is shared
+    // with the calling thread instead of handed to sleeping workers and waited for.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(cli.threads.unwrap_or(0))
+        .thread_name(|i| format!("tandem-compute-{i}"))
+        .build()
+        .context("starting the compute thread pool")?;
+    pool.install(|| dispatch(cli.command))
+}
+
+fn dispatch(command: Command) -> Result<()> {
+    match command {
         Command::Generate(args) => generate(args),
         Command::BenchEngine(args) => bench(args),
         Command::FetchModel { cache } => {
@@ -218,12 +232,6 @@ fn bench(args: BenchEngineArgs) -> Result<()> {
 }
 
 fn open_model(args: &ModelArgs) -> Result<Loaded> {
-    if let Some(n) = args.threads {
-        if n == 0 {
-            bail!("--threads must be at least 1");
-        }
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting up the thread pool")?;
-    }
     let path = match &args.model {
         Some(p) => p.clone(),
         None => fetch::default_model(&fetch::cache_dir(args.cache.cache_dir.as_deref())?)?,

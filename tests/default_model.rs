@@ -262,6 +262,7 @@ fn engine_batching_chunking_and_preemption_keep_greedy_tokens_on_the_default_mod
             block_size: 16,
             num_blocks,
             kv_dtype: KvDtype::F16,
+            threads: 2,
         };
         EngineHandle::spawn(EngineCore::new(model.clone(), tok.clone(), cfg)).unwrap()
     };

@@ -35,6 +35,7 @@ fn engine(t: &Tiny, policy: Policy, num_blocks: usize, chunk: usize) -> EngineHa
         block_size: 4,
         num_blocks,
         kv_dtype: KvDtype::F16,
+        threads: 2,
     };
     EngineHandle::spawn(EngineCore::new(t.model.clone(), t.tok.clone(), cfg)).unwrap()
 }

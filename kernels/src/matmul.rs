@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use crate::KernelError;
 use crate::quant::{TensorType, dequantize_row};
 pub use crate::simd::dot;
-use crate::simd::{dots, isa};
+use crate::simd::{dots, fused_quant_dots, isa};
 
 /// A borrowed `rows × cols` weight matrix in row-major block layout.
 #[derive(Debug, Clone, Copy)]
@@ -52,7 +52,16 @@ impl<'a> WeightMatrix<'a> {
 }
 
 /// Rows handed to one task: enough work to amortise scheduling, small enough to balance.
-const ROWS_PER_TASK: usize = 32;
+const MIN_ROWS_PER_TASK: usize = 16;
+
+/// Rows per task: about four tasks per thread (enough to balance, few enough that waking
+/// threads does not dominate a small matrix), a multiple of 4 for the tiles, and at most 64
+/// when rows are expanded to f32 so the expanded block stays in L2.
+fn rows_per_task(rows: usize, cols: usize) -> usize {
+    let per = rows.div_ceil(4 * rayon::current_num_threads().max(1));
+    let cap = (256 * 1024 / (4 * cols.max(1))).max(MIN_ROWS_PER_TASK);
+    per.clamp(MIN_ROWS_PER_TASK, cap.max(MIN_ROWS_PER_TASK)).next_multiple_of(4)
+}
 
 /// `y[t][r] = Σ_c w[r][c] · x[t][c]` for `n_tokens = x.len() / cols` tokens.
 pub fn matmul(w: &WeightMatrix<'_>, x: &[f32], y: &mut [f32]) -> Result<(), KernelError> {
@@ -65,17 +74,22 @@ pub fn matmul(w: &WeightMatrix<'_>, x: &[f32], y: &mut [f32]) -> Result<(), Kern
     }
     w.ty.row_bytes(w.cols)?;
     let isa = isa();
-    let tasks: Vec<(usize, Vec<f32>)> = (0..w.rows.div_ceil(ROWS_PER_TASK))
+    let per_task = rows_per_task(w.rows, w.cols);
+    let tasks: Vec<(usize, Vec<f32>)> = (0..w.rows.div_ceil(per_task))
         .into_par_iter()
         .map(|task| {
-            let r0 = task * ROWS_PER_TASK;
-            let r1 = (r0 + ROWS_PER_TASK).min(w.rows);
+            let r0 = task * per_task;
+            let r1 = (r0 + per_task).min(w.rows);
+            let mut out = vec![0f32; (r1 - r0) * n_tokens];
+            let bytes = &w.data[r0 * w.data.len() / w.rows..r1 * w.data.len() / w.rows];
+            if fused_quant_dots(isa, w.ty, bytes, r1 - r0, w.cols, x, &mut out) {
+                return (r0, out);
+            }
             let mut rows = vec![0f32; (r1 - r0) * w.cols];
             for (r, buf) in (r0..r1).zip(rows.chunks_exact_mut(w.cols)) {
                 // Length and type were checked above, so this cannot fail.
                 let _ = dequantize_row(w.ty, w.row_bytes(r), buf);
             }
-            let mut out = vec![0f32; (r1 - r0) * n_tokens];
             dots(isa, &rows, x, w.cols, &mut out);
             (r0, out)
         })

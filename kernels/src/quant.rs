@@ -195,6 +195,7 @@ pub fn dequantize_row(ty: TensorType, src: &[u8], dst: &mut [f32]) -> Result<(),
                 *d = bf16::from_le_bytes([s[0], s[1]]).to_f32();
             }
         }
+        TensorType::Q4_0 | TensorType::Q4_1 | TensorType::Q8_0 if simd_dequant(ty, src, dst) => {}
         TensorType::Q4_0 => blocks(src, dst, 18, 32, dequant_q4_0),
         TensorType::Q4_1 => blocks(src, dst, 20, 32, dequant_q4_1),
         TensorType::Q8_0 => blocks(src, dst, 34, 32, dequant_q8_0),
@@ -204,6 +205,21 @@ pub fn dequantize_row(ty: TensorType, src: &[u8], dst: &mut [f32]) -> Result<(),
         other => return Err(KernelError::UnsupportedType(other)),
     }
     Ok(())
+}
+
+/// Dequantizes with AVX-512 when the active path has it; false when it does not apply.
+/// The vector code performs the same f32 operations as the scalar code (convert, multiply,
+/// then add, unfused), so the values are bit-identical.
+fn simd_dequant(ty: TensorType, src: &[u8], dst: &mut [f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if crate::simd::isa() == crate::simd::Isa::Avx512 {
+        // SAFETY: the active path is AVX-512, which `isa()` only selects on CPUs with
+        // AVX-512F; `src` holds whole blocks for `dst` (checked by the caller).
+        unsafe { x86::dequant_avx512(ty, src, dst) };
+        return true;
+    }
+    let _ = (ty, src, dst);
+    false
 }
 
 fn blocks(src: &[u8], dst: &mut [f32], bytes: usize, elems: usize, f: fn(&[u8], &mut [f32])) {
@@ -328,6 +344,59 @@ fn dequant_q6_k(b: &[u8], y: &mut [f32]) {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{TensorType, f16_at};
+
+    /// # Safety
+    /// The CPU must support AVX-512F; `src` must hold exactly the blocks of `dst`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dequant_avx512(ty: TensorType, src: &[u8], dst: &mut [f32]) {
+        let bytes = ty.layout().map_or(34, |(_, bytes)| bytes);
+        for (b, y) in src.chunks_exact(bytes).zip(dst.chunks_exact_mut(32)) {
+            // SAFETY: each load reads 16 bytes inside the block `b` and each store writes 16
+            // floats inside `y` (32 elements per block); AVX-512F is enabled.
+            unsafe {
+                match ty {
+                    TensorType::Q4_0 | TensorType::Q4_1 => {
+                        let q4_1 = ty == TensorType::Q4_1;
+                        let d = _mm512_set1_ps(f16_at(b, 0));
+                        let qs = if q4_1 { &b[4..20] } else { &b[2..18] };
+                        let raw = _mm512_cvtepu8_epi32(_mm_loadu_si128(qs.as_ptr() as *const __m128i));
+                        let lo = _mm512_and_si512(raw, _mm512_set1_epi32(0x0f));
+                        let hi = _mm512_srli_epi32::<4>(raw);
+                        let (lo, hi) = if q4_1 {
+                            let m = _mm512_set1_ps(f16_at(b, 2));
+                            (
+                                _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(lo), d), m),
+                                _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(hi), d), m),
+                            )
+                        } else {
+                            let eight = _mm512_set1_epi32(8);
+                            (
+                                _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(lo, eight)), d),
+                                _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(hi, eight)), d),
+                            )
+                        };
+                        _mm512_storeu_ps(y.as_mut_ptr(), lo);
+                        _mm512_storeu_ps(y.as_mut_ptr().add(16), hi);
+                    }
+                    _ => {
+                        let d = _mm512_set1_ps(f16_at(b, 0));
+                        for half in 0..2 {
+                            let q = _mm_loadu_si128(b.as_ptr().add(2 + 16 * half) as *const __m128i);
+                            let v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), d);
+                            _mm512_storeu_ps(y.as_mut_ptr().add(16 * half), v);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Quantizes a row to Q8_0 / Q4_0 / Q4_1 / F16 / BF16 / F32, so tests and tools can write
 /// model files in the formats people download. K-quants are read-only here.
 pub fn quantize_row(ty: TensorType, src: &[f32]) -> Result<Vec<u8>, KernelError> {
@@ -400,6 +469,37 @@ mod tests {
         assert!(matches!(err, KernelError::ByteLength { expected: 34, actual: 33, .. }));
         let err = dequantize_row(TensorType::IQ2_XS, &[], &mut out).unwrap_err();
         assert_eq!(err.to_string(), "tensor type IQ2_XS has no CPU kernel");
+    }
+
+    #[test]
+    fn simd_dequantization_is_bit_identical_to_scalar() {
+        let mut state = 0x1234_5678u32;
+        let mut byte = || {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (state >> 24) as u8
+        };
+        for (ty, bytes, scales) in
+            [(TensorType::Q4_0, 18, &[0usize][..]), (TensorType::Q4_1, 20, &[0, 2]), (TensorType::Q8_0, 34, &[0])]
+        {
+            let mut src: Vec<u8> = (0..bytes * 8).map(|_| byte()).collect();
+            for blk in src.chunks_exact_mut(bytes) {
+                for &at in scales {
+                    let v = f16::from_f32((blk[at] as f32 - 128.0) / 1000.0).to_le_bytes();
+                    blk[at..at + 2].copy_from_slice(&v);
+                }
+            }
+            let mut got = vec![0f32; 256];
+            dequantize_row(ty, &src, &mut got).unwrap();
+            let mut want = vec![0f32; 256];
+            let f = match ty {
+                TensorType::Q4_0 => dequant_q4_0,
+                TensorType::Q4_1 => dequant_q4_1,
+                _ => dequant_q8_0,
+            };
+            blocks(&src, &mut want, bytes, 32, f);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{ty}");
+        }
     }
 
     #[test]

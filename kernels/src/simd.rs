@@ -31,7 +31,7 @@ impl Isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => is_x86_feature_detected!("avx512f"),
+            Isa::Avx512 => is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("f16c"),
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }
@@ -85,6 +85,41 @@ pub fn dots(isa: Isa, rows: &[f32], xs: &[f32], k: usize, out: &mut [f32]) {
                 }
             }
         }
+    }
+}
+
+/// `out[r * n_xs + t] = dot(dequantize(row r), xs[t])` straight from Q4_0 / Q4_1 / Q8_0
+/// blocks, for up to four vectors, without materializing f32 rows: the decode path, where
+/// writing and rereading expanded weights would cost more than the arithmetic. Returns false
+/// when the active path has no fused kernel for `ty` (the caller then expands rows and uses
+/// [`dots`]). The weights are expanded with the same f32 operations as the scalar
+/// dequantizer and accumulated under the same contract, so the result is bit-identical to
+/// expanding first.
+pub fn fused_quant_dots(
+    isa: Isa,
+    ty: crate::TensorType,
+    w: &[u8],
+    n_rows: usize,
+    k: usize,
+    xs: &[f32],
+    out: &mut [f32],
+) -> bool {
+    use crate::TensorType::*;
+    let n_xs = xs.len() / k;
+    if !matches!(ty, Q4_0 | Q4_1 | Q8_0) || n_xs == 0 || n_xs > 4 || !k.is_multiple_of(32) {
+        return false;
+    }
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if Isa::Avx512.available() => {
+            let row_bytes = w.len() / n_rows.max(1);
+            assert_eq!(out.len(), n_rows * n_xs, "fused_quant_dots: output length");
+            // SAFETY: AVX-512F is present; `w` holds `n_rows` rows of whole blocks, `xs`
+            // holds `n_xs` vectors of `k`, `out` has room for every pair.
+            unsafe { x86::fused_avx512(ty, w, row_bytes, n_rows, k, xs, n_xs, out) };
+            true
+        }
+        _ => false,
     }
 }
 
@@ -239,6 +274,129 @@ mod x86 {
     }
 
     /// # Safety
+    /// AVX-512F must be available; `w` holds `n_rows` rows of `row_bytes` (whole blocks of
+    /// `ty`), `xs` holds `n_xs <= 4` vectors of `k`, `out` holds `n_rows * n_xs`.
+    #[target_feature(enable = "avx512f,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn fused_avx512(
+        ty: crate::TensorType,
+        w: &[u8],
+        row_bytes: usize,
+        n_rows: usize,
+        k: usize,
+        xs: &[f32],
+        n_xs: usize,
+        out: &mut [f32],
+    ) {
+        let mut r = 0;
+        while r < n_rows {
+            let rb = if n_rows - r >= 4 { 4 } else { 1 };
+            let kind = match ty {
+                crate::TensorType::Q8_0 => Q8_0,
+                crate::TensorType::Q4_0 => Q4_0,
+                _ => Q4_1,
+            };
+            // SAFETY: rows r..r+rb exist; AVX-512F and F16C are enabled; see the contract.
+            unsafe {
+                macro_rules! go {
+                    ($k:expr) => {
+                        match (rb, n_xs) {
+                            (4, 1) => fused_tile::<$k, 4, 1>(w, row_bytes, r, k, xs, out),
+                            (4, 2) => fused_tile::<$k, 4, 2>(w, row_bytes, r, k, xs, out),
+                            (4, 3) => fused_tile::<$k, 4, 3>(w, row_bytes, r, k, xs, out),
+                            (4, _) => fused_tile::<$k, 4, 4>(w, row_bytes, r, k, xs, out),
+                            (_, 1) => fused_tile::<$k, 1, 1>(w, row_bytes, r, k, xs, out),
+                            (_, 2) => fused_tile::<$k, 1, 2>(w, row_bytes, r, k, xs, out),
+                            (_, 3) => fused_tile::<$k, 1, 3>(w, row_bytes, r, k, xs, out),
+                            _ => fused_tile::<$k, 1, 4>(w, row_bytes, r, k, xs, out),
+                        }
+                    };
+                }
+                match kind {
+                    Q8_0 => go!(Q8_0),
+                    Q4_0 => go!(Q4_0),
+                    _ => go!(Q4_1),
+                }
+            }
+            r += rb;
+        }
+    }
+
+    /// Block kinds of [`fused_tile`], a const parameter so the expansion is chosen at compile
+    /// time and inlined into the loop.
+    const Q8_0: u8 = 0;
+    const Q4_0: u8 = 1;
+    const Q4_1: u8 = 2;
+
+    /// Expands the 32-element block at `$b` into two 16-lane vectors with the scalar
+    /// dequantizer's exact operations (convert, multiply, then add: never fused).
+    macro_rules! expand {
+        ($kind:expr, $b:expr) => {{
+            let b: *const u8 = $b;
+            let d = _mm512_cvtph_ps(_mm256_set1_epi16(i16::from_le_bytes([*b, *b.add(1)])));
+            if $kind == Q8_0 {
+                let lo = _mm512_cvtepi8_epi32(_mm_loadu_si128(b.add(2) as *const __m128i));
+                let hi = _mm512_cvtepi8_epi32(_mm_loadu_si128(b.add(18) as *const __m128i));
+                (_mm512_mul_ps(_mm512_cvtepi32_ps(lo), d), _mm512_mul_ps(_mm512_cvtepi32_ps(hi), d))
+            } else if $kind == Q4_1 {
+                let m = _mm512_cvtph_ps(_mm256_set1_epi16(i16::from_le_bytes([*b.add(2), *b.add(3)])));
+                let raw = _mm512_cvtepu8_epi32(_mm_loadu_si128(b.add(4) as *const __m128i));
+                let lo = _mm512_cvtepi32_ps(_mm512_and_si512(raw, _mm512_set1_epi32(0x0f)));
+                let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(raw));
+                (_mm512_add_ps(_mm512_mul_ps(lo, d), m), _mm512_add_ps(_mm512_mul_ps(hi, d), m))
+            } else {
+                let raw = _mm512_cvtepu8_epi32(_mm_loadu_si128(b.add(2) as *const __m128i));
+                let eight = _mm512_set1_epi32(8);
+                let lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(raw, _mm512_set1_epi32(0x0f)), eight));
+                let hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32::<4>(raw), eight));
+                (_mm512_mul_ps(lo, d), _mm512_mul_ps(hi, d))
+            }
+        }};
+    }
+
+    /// # Safety
+    /// As [`fused_avx512`], with rows `r0..r0+R` present and `T == n_xs`.
+    #[target_feature(enable = "avx512f,f16c")]
+    unsafe fn fused_tile<const KIND: u8, const R: usize, const T: usize>(
+        w: &[u8],
+        row_bytes: usize,
+        r0: usize,
+        k: usize,
+        xs: &[f32],
+        out: &mut [f32],
+    ) {
+        let n_blocks = k / 32;
+        let block_bytes = row_bytes / n_blocks;
+        let mut acc = [[_mm512_setzero_ps(); T]; R];
+        // SAFETY: block `blk` of row `r0 + i` lies inside `w` (the caller guarantees the
+        // rows); the vector loads read 16 floats inside `xs[t]`; F16C comes with AVX-512.
+        unsafe {
+            let wp = w.as_ptr().add(r0 * row_bytes);
+            let xp = xs.as_ptr();
+            for blk in 0..n_blocks {
+                let mut xl = [_mm512_setzero_ps(); T];
+                let mut xh = [_mm512_setzero_ps(); T];
+                for t in 0..T {
+                    xl[t] = _mm512_loadu_ps(xp.add(t * k + blk * 32));
+                    xh[t] = _mm512_loadu_ps(xp.add(t * k + blk * 32 + 16));
+                }
+                for i in 0..R {
+                    let (wl, wh) = expand!(KIND, wp.add(i * row_bytes + blk * block_bytes));
+                    for t in 0..T {
+                        acc[i][t] = _mm512_fmadd_ps(wl, xl[t], acc[i][t]);
+                        acc[i][t] = _mm512_fmadd_ps(wh, xh[t], acc[i][t]);
+                    }
+                }
+            }
+            for i in 0..R {
+                for t in 0..T {
+                    out[(r0 + i) * T + t] = hsum512(acc[i][t]);
+                }
+            }
+        }
+    }
+
+    /// # Safety
     /// The CPU must support AVX2 and FMA; slices as in [`dots_avx512`].
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dots_avx2(rows: &[f32], xs: &[f32], k: usize, out: &mut [f32]) {
@@ -312,6 +470,34 @@ mod tests {
                     for (g, w) in got.iter().zip(&want) {
                         assert!((g - w).abs() <= 1e-5 * (k as f32).sqrt().max(1.0), "{isa:?} k={k}: {g} vs {w}");
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fused_quantized_dots_equal_expanding_first() {
+        use crate::TensorType;
+        use crate::quant::{dequantize_row, quantize_row};
+        let (rows, k) = (9, 96);
+        let wf = data(rows * k, 5);
+        for ty in [TensorType::Q4_0, TensorType::Q4_1, TensorType::Q8_0] {
+            let w: Vec<u8> = wf.chunks(k).flat_map(|r| quantize_row(ty, r).unwrap()).collect();
+            let mut expanded = vec![0f32; rows * k];
+            for (r, out) in expanded.chunks_mut(k).enumerate() {
+                let rb = w.len() / rows;
+                dequantize_row(ty, &w[r * rb..(r + 1) * rb], out).unwrap();
+            }
+            for n in 1..=4 {
+                let xs = data(n * k, 6 + n as u32);
+                for isa in Isa::all_available() {
+                    let mut fused = vec![0f32; rows * n];
+                    if !fused_quant_dots(isa, ty, &w, rows, k, &xs, &mut fused) {
+                        continue;
+                    }
+                    let mut want = vec![0f32; rows * n];
+                    dots(isa, &expanded, &xs, k, &mut want);
+                    assert_eq!(fused, want, "{isa:?} {ty} n={n}");
                 }
             }
         }

@@ -26,6 +26,8 @@ pub struct EngineConfig {
     pub block_size: usize,
     pub num_blocks: usize,
     pub kv_dtype: KvDtype,
+    /// Compute threads of the engine's own pool; 0 means one per core.
+    pub threads: usize,
 }
 
 impl EngineConfig {
@@ -142,13 +144,18 @@ pub struct EngineCore {
     sched: Scheduler,
     reqs: HashMap<RequestId, ReqState>,
     steps: u64,
+    config: EngineConfig,
 }
 
 impl EngineCore {
     pub fn new(model: Arc<Model>, tokenizer: Arc<Tokenizer>, config: EngineConfig) -> Self {
         let kv = model.new_kv_cache(config.block_size, config.num_blocks, config.kv_dtype);
         let sched = Scheduler::new(config.scheduler, config.num_blocks, config.block_size);
-        Self { model, tokenizer, kv, sched, reqs: HashMap::new(), steps: 0 }
+        Self { model, tokenizer, kv, sched, reqs: HashMap::new(), steps: 0, config }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
     }
 
     pub fn has_work(&self) -> bool {

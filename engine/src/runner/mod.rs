@@ -48,12 +48,20 @@ impl std::fmt::Debug for Command {
 }
 
 impl EngineHandle {
-    /// Starts the engine thread. It stops when every handle and stream is dropped.
+    /// Starts the engine loop on a worker of its own compute pool (`EngineConfig::threads`
+    /// workers): the loop thread takes part in every parallel op instead of handing it
+    /// to sleeping workers and waiting. It stops when every handle and stream is dropped.
     pub fn spawn(core: EngineCore) -> Result<Self, EngineError> {
+        let threads = core.config().threads;
         let (tx, rx) = channel();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("tandem-engine-{i}"))
+            .build()
+            .map_err(|e| EngineError::BadBatch(format!("cannot start the engine's threads: {e}")))?;
         let thread = std::thread::Builder::new()
             .name("tandem-engine".into())
-            .spawn(move || run(core, rx))
+            .spawn(move || pool.install(|| run(core, rx)))
             .map_err(|e| EngineError::BadBatch(format!("cannot start the engine thread: {e}")))?;
         Ok(Self { tx, next_id: Arc::new(AtomicU64::new(1)), thread: Arc::new(ThreadGuard(Some(thread))) })
     }
