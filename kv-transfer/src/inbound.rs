@@ -173,7 +173,7 @@ impl Inbound {
         let half = self.layout.half_block_bytes();
         while !bytes.is_empty() {
             let Some(cur) = self.current.as_mut() else {
-                return Err(KvTransferError::MalformedHeader("payload bytes outside a KV frame".into()));
+                return Err(KvTransferError::Protocol("payload bytes outside a KV frame".into()));
             };
             let per_layer = 2 * cur.blocks.len();
             let layer = cur.layer_start + (cur.segment / per_layer) as u32;

@@ -10,12 +10,14 @@
 //! What it is not: a KV pool or a scheduler. It knows block ids and byte ranges, never tensors,
 //! and depends on no other tandem crate.
 
+pub mod connection;
 pub mod frame;
 pub mod inbound;
 pub mod layout;
 pub mod message;
 pub mod outbound;
 
+pub use connection::{Connection, ConnectionConfig, ConnectionEvent};
 pub use frame::{Decoded, FrameDecoder, PROTOCOL_VERSION};
 pub use inbound::{Inbound, InboundEvent, KvSink};
 pub use layout::{KvDtype, KvLayout};
@@ -24,7 +26,7 @@ pub use outbound::{KvSource, encode_kv};
 
 /// Everything that can be wrong with a peer's bytes or a transfer's bookkeeping. Each variant
 /// names the offending value; the connection (or the request, where noted) is failed with it.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum KvTransferError {
     #[error("bad frame magic {0:02x?} (not a tandem KV stream)")]
     BadMagic([u8; 4]),
@@ -60,6 +62,12 @@ pub enum KvTransferError {
     EmptyKv { request: u64 },
     #[error("request {request}: Done with {missing} block-layers still missing")]
     Incomplete { request: u64, missing: usize },
+    #[error("peer stalled: nothing received for {silent_ms} ms")]
+    Stalled { silent_ms: u128 },
+    #[error("peer refused the connection: {0}")]
+    Refused(String),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
     #[error("stream ended inside a frame ({0} bytes short)")]
     Truncated(u64),
 }
