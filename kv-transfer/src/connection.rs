@@ -172,10 +172,8 @@ impl Connection {
     /// writes KV payload from the pool without copying passes the header here and writes the
     /// payload slices right after it; others pass the whole frame.
     pub fn send_frame(&mut self, request_id: Option<u64>, header: Vec<u8>, now: Instant) {
-        if let Some(r) = request_id {
-            if !self.sending.contains(&r) {
-                self.sending.push(r);
-            }
+        if let Some(r) = request_id.filter(|r| !self.sending.contains(r)) {
+            self.sending.push(r);
         }
         self.push(header, now);
     }
