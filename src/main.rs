@@ -49,6 +49,18 @@ enum Command {
         no_special: bool,
         text: String,
     },
+    /// Make a development cluster CA and node certificates for mutual TLS.
+    Certs {
+        /// Directory for ca.pem, ca.key and NODE.pem / NODE.key (created; an existing CA there is reused).
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+        /// Node names, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "router,prefill-0,decode-0")]
+        nodes: Vec<String>,
+        /// Extra host names or IP addresses every node certificate is valid for.
+        #[arg(long, value_delimiter = ',')]
+        hosts: Vec<String>,
+    },
     /// Measure prefill and decode throughput and per-policy latency on this machine.
     BenchEngine(BenchEngineArgs),
     /// Print the text of a JSON array of token ids (read from stdin when IDS is omitted).
@@ -164,6 +176,7 @@ fn dispatch(command: Command) -> Result<()> {
     match command {
         Command::Generate(args) => generate(args),
         Command::BenchEngine(args) => bench(args),
+        Command::Certs { out, nodes, hosts } => certs(&out, &nodes, &hosts),
         Command::FetchModel { cache } => {
             let path = fetch::fetch(&fetch::cache_dir(cache.cache_dir.as_deref())?)?;
             println!("{}", path.display());
@@ -195,6 +208,45 @@ fn dispatch(command: Command) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn certs(out: &std::path::Path, nodes: &[String], hosts: &[String]) -> Result<()> {
+    use tandem_kv_transfer::tls::{PemPair, make_ca, make_node_cert};
+    if nodes.is_empty() {
+        bail!("--nodes names no node");
+    }
+    for n in nodes {
+        if n.is_empty() || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.') {
+            bail!("node name {n:?} must be letters, digits, '-' or '.'");
+        }
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let write = |name: &str, text: &str, secret: bool| -> Result<()> {
+        let path = out.join(name);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        if secret {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        }
+        Ok(())
+    };
+    let (ca_cert, ca_key) = (out.join("ca.pem"), out.join("ca.key"));
+    let ca = if ca_cert.exists() && ca_key.exists() {
+        eprintln!("reusing the CA in {}", out.display());
+        PemPair { cert: std::fs::read_to_string(&ca_cert)?, key: std::fs::read_to_string(&ca_key)? }
+    } else {
+        let ca = make_ca("tandem development CA")?;
+        write("ca.pem", &ca.cert, false)?;
+        write("ca.key", &ca.key, true)?;
+        ca
+    };
+    for n in nodes {
+        let pair = make_node_cert(&ca, n, hosts).with_context(|| format!("certificate for {n}"))?;
+        write(&format!("{n}.pem"), &pair.cert, false)?;
+        write(&format!("{n}.key"), &pair.key, true)?;
+    }
+    println!("wrote a CA and {} node certificates to {}", nodes.len(), out.display());
+    Ok(())
 }
 
 fn bench(args: BenchEngineArgs) -> Result<()> {

@@ -16,6 +16,8 @@ pub mod inbound;
 pub mod layout;
 pub mod message;
 pub mod outbound;
+pub mod quic;
+pub mod tls;
 
 pub use connection::{Connection, ConnectionConfig, ConnectionEvent};
 pub use frame::{Decoded, FrameDecoder, PROTOCOL_VERSION};
