@@ -17,6 +17,8 @@ TANDEM_ISA=scalar cargo test -p tandem-engine --test forward --test engine_loop
 echo "== release build and the default model"
 cargo build --release
 ./target/release/tandem fetch-model >/dev/null
+# The end-to-end tests drive the server with the official OpenAI Python SDK too.
+python3 -c "import openai" 2>/dev/null || python3 -m pip install --quiet openai
 
 echo "== default-model and CLI tests (release)"
 cargo test --release -p tandem

@@ -14,8 +14,9 @@ use clap::{Args, Parser, Subcommand};
 use tandem_engine::chat::ChatMessage;
 use tandem_engine::generate::{Finish, Generator};
 use tandem_engine::model::{Loaded, load};
-use tandem_engine::runner::EngineConfig;
+use tandem_engine::runner::{EngineConfig, EngineCore, EngineHandle};
 use tandem_engine::sampler::{Sampler, SamplingParams};
+use tandem_engine::scheduler::{Policy, SchedulerConfig};
 use tandem_engine::{IncrementalDecoder, KvDtype, Tokenizer};
 
 #[derive(Debug, Parser)]
@@ -49,6 +50,8 @@ enum Command {
         no_special: bool,
         text: String,
     },
+    /// Serve the model behind an OpenAI-compatible API (one process: gateway and engine).
+    Serve(ServeArgs),
     /// Make a development cluster CA and node certificates for mutual TLS.
     Certs {
         /// Directory for ca.pem, ca.key and NODE.pem / NODE.key (created; an existing CA there is reused).
@@ -124,6 +127,81 @@ struct GenerateArgs {
 }
 
 #[derive(Debug, Args)]
+struct EngineArgs {
+    /// Scheduling policy: chunked, prefill-first or decode-first.
+    #[arg(long, env = "TANDEM_POLICY", default_value = "chunked")]
+    policy: Policy,
+    /// Sequences in the running batch at most.
+    #[arg(long, env = "TANDEM_MAX_RUNNING", default_value_t = 64)]
+    max_running: usize,
+    /// Tokens per step for prefill-first and decode-first.
+    #[arg(long, env = "TANDEM_MAX_BATCHED_TOKENS", default_value_t = 2048)]
+    max_batched_tokens: usize,
+    /// Tokens per step of the chunked policy.
+    #[arg(long, env = "TANDEM_CHUNK_SIZE", default_value_t = 256)]
+    chunk_size: usize,
+    /// KV pool size, e.g. 2GiB [default: 1GiB].
+    #[arg(long, env = "TANDEM_KV_CACHE_BYTES")]
+    kv_cache_bytes: Option<String>,
+    /// KV pool as a fraction of available memory (instead of --kv-cache-bytes).
+    #[arg(long, env = "TANDEM_KV_CACHE_FRACTION")]
+    kv_cache_fraction: Option<f64>,
+    #[arg(long, env = "TANDEM_KV_DTYPE", default_value = "f16")]
+    kv_dtype: KvDtype,
+    #[arg(long, env = "TANDEM_BLOCK_SIZE", default_value_t = 16)]
+    block_size: usize,
+}
+
+impl EngineArgs {
+    fn config(&self, model: &tandem_engine::Model) -> Result<EngineConfig> {
+        if !(1..=1024).contains(&self.block_size) {
+            bail!("--block-size must be in 1..=1024, got {}", self.block_size);
+        }
+        if self.max_running == 0 || self.max_batched_tokens == 0 || self.chunk_size == 0 {
+            bail!("--max-running, --max-batched-tokens and --chunk-size must be positive");
+        }
+        let budget = sizing::kv_budget(self.kv_cache_bytes.as_deref(), self.kv_cache_fraction)?;
+        let num_blocks = EngineConfig::blocks_for_bytes(model, budget, self.block_size, self.kv_dtype);
+        if num_blocks < 2 {
+            bail!("a KV budget of {budget} bytes holds {num_blocks} blocks; raise --kv-cache-bytes");
+        }
+        Ok(EngineConfig {
+            scheduler: SchedulerConfig {
+                policy: self.policy,
+                max_running: self.max_running,
+                max_batched_tokens: self.max_batched_tokens,
+                chunk_size: self.chunk_size,
+            },
+            block_size: self.block_size,
+            num_blocks,
+            kv_dtype: self.kv_dtype,
+            threads: rayon::current_num_threads(),
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    engine: EngineArgs,
+    #[arg(long, env = "TANDEM_HOST", default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, env = "TANDEM_PORT", default_value_t = 8000)]
+    port: u16,
+    /// Accepted API keys (Bearer tokens), comma-separated; none means no authentication.
+    #[arg(long = "api-key", env = "TANDEM_API_KEYS", value_delimiter = ',')]
+    api_keys: Vec<String>,
+    /// The model id clients use [default: the model file's name].
+    #[arg(long, env = "TANDEM_SERVED_MODEL_NAME")]
+    served_model_name: Option<String>,
+    /// Requests admitted at once; more get 429.
+    #[arg(long, env = "TANDEM_MAX_INFLIGHT", default_value_t = 256)]
+    max_inflight: usize,
+}
+
+#[derive(Debug, Args)]
 struct BenchEngineArgs {
     #[command(flatten)]
     model: ModelArgs,
@@ -176,6 +254,7 @@ fn dispatch(command: Command) -> Result<()> {
     match command {
         Command::Generate(args) => generate(args),
         Command::BenchEngine(args) => bench(args),
+        Command::Serve(args) => serve(args),
         Command::Certs { out, nodes, hosts } => certs(&out, &nodes, &hosts),
         Command::FetchModel { cache } => {
             let path = fetch::fetch(&fetch::cache_dir(cache.cache_dir.as_deref())?)?;
@@ -208,6 +287,70 @@ fn dispatch(command: Command) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    if args.max_inflight == 0 {
+        bail!("--max-inflight must be at least 1");
+    }
+    let path = model_path(&args.model)?;
+    let loaded = load(&path).with_context(|| format!("loading model {}", path.display()))?;
+    let name = args
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| path.file_stem().map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned()));
+    let config = args.engine.config(&loaded.model)?;
+    let limits = tandem_router::ModelLimits {
+        name: name.clone(),
+        context_length: loaded.model.config.context_length,
+        vocab_size: loaded.model.config.vocab_size,
+    };
+    let tok = Arc::new(loaded.tokenizer);
+    let engine = EngineHandle::spawn(EngineCore::new(Arc::new(loaded.model), tok.clone(), config))?;
+    let app = tandem_router::router(
+        engine,
+        tok,
+        limits,
+        tandem_router::ServerConfig {
+            api_keys: args.api_keys.clone(),
+            max_inflight: args.max_inflight,
+            ..Default::default()
+        },
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("tandem-http")
+        .enable_all()
+        .build()
+        .context("starting the HTTP runtime")?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+            .await
+            .with_context(|| format!("binding {}:{}", args.host, args.port))?;
+        let addr = listener.local_addr()?;
+        eprintln!(
+            "tandem serving {name} on http://{addr} ({} blocks of {} tokens, policy {})",
+            config.num_blocks, config.block_size, config.scheduler.policy
+        );
+        eprintln!(
+            "try: curl http://{addr}/v1/chat/completions -H 'Content-Type: application/json' \\\n  -d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'"
+        );
+        let shutdown = async {
+            let ctrl_c = tokio::signal::ctrl_c();
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            let term = async {
+                match term.as_mut() {
+                    Some(t) => {
+                        t.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+            eprintln!("shutting down: finishing in-flight requests");
+        };
+        axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("serving HTTP")
+    })
 }
 
 fn certs(out: &std::path::Path, nodes: &[String], hosts: &[String]) -> Result<()> {
@@ -283,11 +426,15 @@ fn bench(args: BenchEngineArgs) -> Result<()> {
     bench_engine::run(Arc::new(loaded.model), Arc::new(loaded.tokenizer), &loaded.name, &opts)
 }
 
+fn model_path(args: &ModelArgs) -> Result<PathBuf> {
+    match &args.model {
+        Some(p) => Ok(p.clone()),
+        None => fetch::default_model(&fetch::cache_dir(args.cache.cache_dir.as_deref())?),
+    }
+}
+
 fn open_model(args: &ModelArgs) -> Result<Loaded> {
-    let path = match &args.model {
-        Some(p) => p.clone(),
-        None => fetch::default_model(&fetch::cache_dir(args.cache.cache_dir.as_deref())?)?,
-    };
+    let path = model_path(args)?;
     load(&path).with_context(|| format!("loading model {}", path.display()))
 }
 
