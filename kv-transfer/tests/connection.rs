@@ -1,43 +1,18 @@
 //! Two connections wired back to back on a virtual clock: handshake, a layer-by-layer
 //! transfer, refusal of a mismatched peer, stall detection, heartbeats and cancellation.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::Pool;
+
 use tandem_kv_transfer::{
-    Connection, ConnectionConfig, ConnectionEvent, KvDtype, KvLayout, KvSink, KvSource, KvTransferError, encode_kv,
+    Connection, ConnectionConfig, ConnectionEvent, KvDtype, KvLayout, KvSource, KvTransferError, encode_kv,
 };
 
 fn layout(block_size: u32) -> KvLayout {
     KvLayout { model_id: "tiny".into(), n_layers: 2, n_kv_heads: 1, head_dim: 4, block_size, dtype: KvDtype::F32 }
-}
-
-struct Pool {
-    half: usize,
-    bytes: Vec<u8>,
-}
-
-impl Pool {
-    fn new(l: &KvLayout, fill: u8) -> Self {
-        let half = l.half_block_bytes();
-        Pool { half, bytes: (0..l.n_layers as usize * 8 * 2 * half).map(|i| (i as u8).wrapping_add(fill)).collect() }
-    }
-    fn range(&self, layer: u32, block: u32, values: bool) -> std::ops::Range<usize> {
-        let i = ((layer as usize * 8 + block as usize) * 2 + values as usize) * self.half;
-        i..i + self.half
-    }
-}
-
-impl KvSource for Pool {
-    fn half_block(&self, layer: u32, block: u32, values: bool) -> &[u8] {
-        &self.bytes[self.range(layer, block, values)]
-    }
-}
-
-impl KvSink for Pool {
-    fn half_block(&mut self, layer: u32, block: u32, values: bool) -> &mut [u8] {
-        let r = self.range(layer, block, values);
-        &mut self.bytes[r]
-    }
 }
 
 struct Side {
@@ -62,8 +37,16 @@ impl Pair {
             idle_timeout: Duration::from_secs(3),
         };
         Pair {
-            a: Side { conn: Connection::new(cfg("prefill-0", &la), now), pool: Pool::new(&la, 1), events: vec![] },
-            b: Side { conn: Connection::new(cfg("decode-0", &lb), now), pool: Pool::new(&lb, 100), events: vec![] },
+            a: Side {
+                conn: Connection::new(cfg("prefill-0", &la), now),
+                pool: Pool::new(&la, 8, |i| (i as u8).wrapping_add(1)),
+                events: vec![],
+            },
+            b: Side {
+                conn: Connection::new(cfg("decode-0", &lb), now),
+                pool: Pool::new(&lb, 8, |i| (i as u8).wrapping_add(100)),
+                events: vec![],
+            },
             now,
         }
     }
@@ -204,7 +187,7 @@ fn frames_before_the_handshake_are_refused() {
         idle_timeout: Duration::from_secs(1),
     };
     let mut c = Connection::new(cfg, now);
-    let mut pool = Pool::new(&l, 0);
+    let mut pool = Pool::new(&l, 8, |_| 0);
     let done = tandem_kv_transfer::frame::encode_frame(
         &tandem_kv_transfer::Message::Done { request_id: 1, first_token: 1 },
         0,

@@ -1,47 +1,18 @@
 //! Sender and receiver pools exchanging a request's KV layer by layer through the frame
 //! codec, and every kind of lying frame refused before a byte is written.
 
+mod common;
+
+use common::Pool;
 use proptest::prelude::*;
 use tandem_kv_transfer::frame::encode_frame;
 use tandem_kv_transfer::inbound::InboundEvent;
 use tandem_kv_transfer::{
-    Decoded, FrameDecoder, Inbound, KvDtype, KvHeader, KvLayout, KvSink, KvSource, KvTransferError, Message, encode_kv,
+    Decoded, FrameDecoder, Inbound, KvDtype, KvHeader, KvLayout, KvSource, KvTransferError, Message, encode_kv,
 };
 
 fn layout() -> KvLayout {
     KvLayout { model_id: "tiny".into(), n_layers: 3, n_kv_heads: 2, head_dim: 4, block_size: 2, dtype: KvDtype::F16 }
-}
-
-/// A pool of `blocks` blocks: `[layer][block][k|v][half_block_bytes]`.
-struct Pool {
-    half: usize,
-    blocks: usize,
-    bytes: Vec<u8>,
-}
-
-impl Pool {
-    fn new(l: &KvLayout, blocks: usize, fill: impl Fn(usize) -> u8) -> Self {
-        let half = l.half_block_bytes();
-        let n = l.n_layers as usize * blocks * 2 * half;
-        Pool { half, blocks, bytes: (0..n).map(fill).collect() }
-    }
-    fn at(&self, layer: u32, block: u32, values: bool) -> std::ops::Range<usize> {
-        let i = ((layer as usize * self.blocks + block as usize) * 2 + values as usize) * self.half;
-        i..i + self.half
-    }
-}
-
-impl KvSource for Pool {
-    fn half_block(&self, layer: u32, block: u32, values: bool) -> &[u8] {
-        &self.bytes[self.at(layer, block, values)]
-    }
-}
-
-impl KvSink for Pool {
-    fn half_block(&mut self, layer: u32, block: u32, values: bool) -> &mut [u8] {
-        let r = self.at(layer, block, values);
-        &mut self.bytes[r]
-    }
 }
 
 /// Feeds a byte stream through decoder and receiver, in `chunk`-sized pieces.

@@ -1,47 +1,18 @@
 //! KV over real QUIC on loopback with mutual TLS from a cluster CA: a transfer arrives byte
 //! for byte, and a node whose certificate comes from another CA is refused.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use common::Pool;
 use tandem_kv_transfer::quic::{endpoint, pump};
 use tandem_kv_transfer::tls::{Identity, make_ca, make_node_cert};
-use tandem_kv_transfer::{
-    Connection, ConnectionConfig, ConnectionEvent, KvDtype, KvLayout, KvSink, KvSource, encode_kv,
-};
+use tandem_kv_transfer::{Connection, ConnectionConfig, ConnectionEvent, KvDtype, KvLayout, KvSource, encode_kv};
 
 fn layout() -> KvLayout {
     KvLayout { model_id: "tiny".into(), n_layers: 4, n_kv_heads: 2, head_dim: 64, block_size: 16, dtype: KvDtype::F16 }
-}
-
-struct Pool {
-    half: usize,
-    bytes: Vec<u8>,
-}
-
-impl Pool {
-    fn new(l: &KvLayout, seed: u8) -> Self {
-        let half = l.half_block_bytes();
-        let n = l.n_layers as usize * 16 * 2 * half;
-        Pool { half, bytes: (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect() }
-    }
-    fn range(&self, layer: u32, block: u32, values: bool) -> std::ops::Range<usize> {
-        let i = ((layer as usize * 16 + block as usize) * 2 + values as usize) * self.half;
-        i..i + self.half
-    }
-}
-
-impl KvSource for Pool {
-    fn half_block(&self, layer: u32, block: u32, values: bool) -> &[u8] {
-        &self.bytes[self.range(layer, block, values)]
-    }
-}
-
-impl KvSink for Pool {
-    fn half_block(&mut self, layer: u32, block: u32, values: bool) -> &mut [u8] {
-        let r = self.range(layer, block, values);
-        &mut self.bytes[r]
-    }
 }
 
 fn identity(ca: &tandem_kv_transfer::tls::PemPair, node: &str) -> Identity {
@@ -71,7 +42,7 @@ async fn kv_crosses_quic_with_mutual_tls() {
         let (mut send, mut recv) = conn.accept_bi().await.unwrap();
         let mut proto = Connection::new(config("decode-0"), Instant::now());
         proto.expect(77, &dst);
-        let mut pool = Pool::new(&layout(), 200);
+        let mut pool = Pool::new(&layout(), 16, |i| (i as u8).wrapping_mul(31).wrapping_add(200));
         let mut events = Vec::new();
         pump(&mut proto, &mut send, &mut recv, &mut pool, |p| {
             while let Some(e) = p.poll_event() {
@@ -90,7 +61,7 @@ async fn kv_crosses_quic_with_mutual_tls() {
     let conn = client.connect(addr, "decode-0").unwrap().await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let mut proto = Connection::new(config("prefill-0"), Instant::now());
-    let pool = Pool::new(&layout(), 7);
+    let pool = Pool::new(&layout(), 16, |i| (i as u8).wrapping_mul(31).wrapping_add(7));
     let l = layout();
     // Layer by layer, as the prefill node produces them; payload straight from the pool.
     for layer in 0..l.n_layers {
@@ -102,7 +73,7 @@ async fn kv_crosses_quic_with_mutual_tls() {
         proto.send_frame(Some(77), frame, Instant::now());
     }
     proto.send_done(77, 4242, Instant::now());
-    let mut sink = Pool::new(&l, 0);
+    let mut sink = Pool::new(&l, 16, |_| 0);
     pump(&mut proto, &mut send, &mut recv, &mut sink, |p| p.is_open()).await.unwrap();
     send.finish().unwrap();
     let _ = send.stopped().await;

@@ -134,32 +134,29 @@ fn count_error(state: &AppState, e: &ApiError) {
 }
 
 async fn chat(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
-    let result = async {
-        authorize(&state, &headers)?;
-        let req: ChatRequest = read_json(&state, body).await?;
-        let valid = validate::chat(req, &state.tok, &state.limits)?;
-        start(&state, valid)
-    }
-    .await;
-    match result {
-        Ok((valid, permit, stream)) => respond(state, valid, permit, stream, Endpoint::Chat).await,
-        Err(e) => {
-            count_error(&state, &e);
-            e.into_response()
-        }
-    }
+    handle(state, headers, body, Endpoint::Chat, validate::chat).await
 }
 
 async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    handle(state, headers, body, Endpoint::Completion, validate::completion).await
+}
+
+/// Auth, parse, validate, admit, then answer; any refusal becomes its OpenAI error.
+async fn handle<R: serde::de::DeserializeOwned>(
+    state: Arc<AppState>,
+    headers: HeaderMap,
+    body: Body,
+    endpoint: Endpoint,
+    validate: fn(R, &Tokenizer, &ModelLimits) -> Result<ValidRequest, ApiError>,
+) -> Response {
     let result = async {
         authorize(&state, &headers)?;
-        let req: CompletionRequest = read_json(&state, body).await?;
-        let valid = validate::completion(req, &state.tok, &state.limits)?;
-        start(&state, valid)
+        let req: R = read_json(&state, body).await?;
+        start(&state, validate(req, &state.tok, &state.limits)?)
     }
     .await;
     match result {
-        Ok((valid, permit, stream)) => respond(state, valid, permit, stream, Endpoint::Completion).await,
+        Ok((valid, permit, stream)) => respond(state, valid, permit, stream, endpoint).await,
         Err(e) => {
             count_error(&state, &e);
             e.into_response()
