@@ -2,6 +2,7 @@
 //! the library crates.
 
 mod bench_engine;
+mod bench_transfer;
 mod fetch;
 mod sizing;
 
@@ -52,6 +53,15 @@ enum Command {
     },
     /// Serve the model behind an OpenAI-compatible API (one process: gateway and engine).
     Serve(ServeArgs),
+    /// Measure KV transfer: memcpy, raw TCP and tandem's protocol over QUIC, side by side.
+    BenchTransfer {
+        /// Transfers per cell; the report gives medians and p99.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Prompt lengths in tokens, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "128,1024,8192")]
+        sizes: Vec<usize>,
+    },
     /// Make a development cluster CA and node certificates for mutual TLS.
     Certs {
         /// Directory for ca.pem, ca.key and NODE.pem / NODE.key (created; an existing CA there is reused).
@@ -255,6 +265,12 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Generate(args) => generate(args),
         Command::BenchEngine(args) => bench(args),
         Command::Serve(args) => serve(args),
+        Command::BenchTransfer { runs, sizes } => {
+            if runs == 0 || sizes.is_empty() || sizes.contains(&0) {
+                bail!("--runs and every --sizes entry must be positive");
+            }
+            bench_transfer::run(runs, &sizes)
+        }
         Command::Certs { out, nodes, hosts } => certs(&out, &nodes, &hosts),
         Command::FetchModel { cache } => {
             let path = fetch::fetch(&fetch::cache_dir(cache.cache_dir.as_deref())?)?;
