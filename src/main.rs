@@ -209,6 +209,12 @@ struct ServeArgs {
     /// Requests admitted at once; more get 429.
     #[arg(long, env = "TANDEM_MAX_INFLIGHT", default_value_t = 256)]
     max_inflight: usize,
+    /// Seconds a request may wait for its first token before it fails with 504 [default: no limit].
+    #[arg(long, env = "TANDEM_QUEUE_TIMEOUT")]
+    queue_timeout: Option<f64>,
+    /// Seconds a request may take in all before it fails with 504 [default: no limit].
+    #[arg(long, env = "TANDEM_REQUEST_TIMEOUT")]
+    request_timeout: Option<f64>,
 }
 
 #[derive(Debug, Args)]
@@ -330,6 +336,8 @@ fn serve(args: ServeArgs) -> Result<()> {
         tandem_router::ServerConfig {
             api_keys: args.api_keys.clone(),
             max_inflight: args.max_inflight,
+            queue_timeout: seconds("--queue-timeout", args.queue_timeout)?,
+            request_timeout: seconds("--request-timeout", args.request_timeout)?,
             ..Default::default()
         },
     );
@@ -367,6 +375,14 @@ fn serve(args: ServeArgs) -> Result<()> {
         };
         axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("serving HTTP")
     })
+}
+
+fn seconds(flag: &str, v: Option<f64>) -> Result<Option<std::time::Duration>> {
+    match v {
+        None => Ok(None),
+        Some(s) if s.is_finite() && s > 0.0 => Ok(Some(std::time::Duration::from_secs_f64(s))),
+        Some(s) => bail!("{flag} must be a positive number of seconds, got {s}"),
+    }
 }
 
 fn certs(out: &std::path::Path, nodes: &[String], hosts: &[String]) -> Result<()> {

@@ -316,3 +316,28 @@ print("ok", text)
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_request_past_its_deadline_gets_504_and_its_work_is_freed() {
+    let srv = start(&["--request-timeout", "0.5"]);
+    let p = srv.port;
+    let long = r#"{"prompt":"Once upon a time","max_tokens":4000,"ignore_eos":true}"#;
+    let (st, _, body) = http(p, "POST", "/v1/completions", &[], long);
+    assert_eq!(st, 504, "{body}");
+    assert_eq!(json(&body)["error"]["type"], "timeout_error");
+    let streamed = long.replace("}", r#","stream":true}"#);
+    let (st, _, body) = http(p, "POST", "/v1/completions", &[], &streamed);
+    assert_eq!(st, 200);
+    let data = sse_data(&body);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    assert!(data.iter().any(|d| d.contains("timeout_error")), "no timeout error in the stream");
+    let mut used = 1.0;
+    for _ in 0..200 {
+        used = metric(p, "tandem_kv_blocks{state=\"used\"}");
+        if used == 0.0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(used, 0.0, "a timed-out request's blocks were not freed");
+}

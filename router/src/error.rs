@@ -23,6 +23,9 @@ pub enum ApiError {
     Unavailable(String),
     #[error("generation failed: {0}")]
     Internal(String),
+    /// The request's queue or total deadline passed; its work was aborted.
+    #[error("{0}")]
+    Timeout(String),
 }
 
 impl ApiError {
@@ -39,6 +42,7 @@ impl ApiError {
             ApiError::Overloaded(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -52,6 +56,7 @@ impl ApiError {
             ApiError::Overloaded(_) => "rate_limit_error",
             ApiError::Unavailable(_) => "service_unavailable",
             ApiError::Internal(_) => "server_error",
+            ApiError::Timeout(_) => "timeout_error",
         }
     }
 

@@ -36,11 +36,21 @@ pub struct ServerConfig {
     pub max_inflight: usize,
     /// Largest request body in bytes; larger gets 413.
     pub max_body_bytes: usize,
+    /// Longest a request may wait for its first token; `None` waits as long as it takes.
+    pub queue_timeout: Option<Duration>,
+    /// Longest a request may take in all.
+    pub request_timeout: Option<Duration>,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { api_keys: Vec::new(), max_inflight: 256, max_body_bytes: 4 << 20 }
+        Self {
+            api_keys: Vec::new(),
+            max_inflight: 256,
+            max_body_bytes: 4 << 20,
+            queue_timeout: None,
+            request_timeout: None,
+        }
     }
 }
 
@@ -340,10 +350,19 @@ async fn collect(
     id: String,
 ) -> Response {
     let mut guard = AbortGuard { state: state.clone(), ended: false };
+    let started = tokio::time::Instant::now();
     let mut text = String::new();
     let mut toks = Vec::new();
     let end = loop {
-        match stream.next().await {
+        let ev = match next_event(&state.config, started, !toks.is_empty(), &mut stream).await {
+            Ok(ev) => ev,
+            Err(e) => {
+                count_error(&state, &e);
+                guard.ended = true;
+                return e.into_response();
+            }
+        };
+        match ev {
             Some(TokenEvent::First(t)) | Some(TokenEvent::Token(t)) => {
                 text.push_str(&t.text);
                 toks.push(t);
@@ -400,6 +419,34 @@ async fn collect(
     }
 }
 
+/// The next engine event, or a timeout error once the request's deadline passes (queue
+/// deadline until the first token, total deadline always). Dropping the stream on timeout
+/// aborts the request in the engine.
+async fn next_event(
+    config: &ServerConfig,
+    started: tokio::time::Instant,
+    first_seen: bool,
+    stream: &mut RequestStream,
+) -> Result<Option<TokenEvent>, ApiError> {
+    let total = config.request_timeout.map(|d| (started + d, "request"));
+    let queue = if first_seen { None } else { config.queue_timeout.map(|d| (started + d, "queue")) };
+    let deadline = [total, queue].into_iter().flatten().min_by_key(|(t, _)| *t);
+    match deadline {
+        None => Ok(stream.next().await),
+        Some((at, which)) => match tokio::time::timeout_at(at, stream.next()).await {
+            Ok(ev) => Ok(ev),
+            Err(_) => {
+                stream.abort();
+                let limit = if which == "queue" { config.queue_timeout } else { config.request_timeout };
+                Err(ApiError::Timeout(format!(
+                    "the request exceeded its {which} timeout of {} ms and was aborted",
+                    limit.map_or(0, |d| d.as_millis())
+                )))
+            }
+        },
+    }
+}
+
 fn data<T: Serialize>(v: &T) -> Event {
     Event::default().data(serde_json::to_string(v).unwrap_or_default())
 }
@@ -429,6 +476,8 @@ struct SseState {
     id: String,
     created: u64,
     sent_role: bool,
+    started: tokio::time::Instant,
+    first_seen: bool,
     offset: usize,
     pending: std::collections::VecDeque<Event>,
     done: bool,
@@ -547,6 +596,8 @@ fn sse_stream(
         id,
         created: unix_now(),
         sent_role: false,
+        started: tokio::time::Instant::now(),
+        first_seen: false,
         offset: 0,
         pending: Default::default(),
         done: false,
@@ -564,8 +615,22 @@ fn sse_stream(
                 let ev = s.chat_chunk(Delta { role: Some("assistant"), content: Some(String::new()) }, None, None);
                 return Some((Ok(ev), s));
             }
-            match s.stream.next().await {
-                Some(TokenEvent::First(t)) | Some(TokenEvent::Token(t)) => s.on_token(t),
+            let ev = match next_event(&s.state.config, s.started, s.first_seen, &mut s.stream).await {
+                Ok(ev) => ev,
+                Err(e) => {
+                    count_error(&s.state, &e);
+                    s.done = true;
+                    s.guard.ended = true;
+                    s.pending.push_back(data(&e.body()));
+                    s.pending.push_back(Event::default().data("[DONE]"));
+                    continue;
+                }
+            };
+            match ev {
+                Some(TokenEvent::First(t)) | Some(TokenEvent::Token(t)) => {
+                    s.first_seen = true;
+                    s.on_token(t)
+                }
                 Some(TokenEvent::End(end)) => {
                     s.done = true;
                     s.on_end(end);
