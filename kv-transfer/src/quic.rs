@@ -19,9 +19,6 @@ use crate::connection::Connection;
 use crate::inbound::KvSink;
 use crate::tls::{Identity, TlsError};
 
-/// Upper bound for path MTU discovery (a 9000-byte jumbo frame less IP and UDP headers).
-pub const MAX_UDP_PAYLOAD: u16 = 8952;
-
 /// Largest KV frame payload a QUIC peer may send (one layer of a long prompt's blocks).
 pub const MAX_KV_FRAME_PAYLOAD: u64 = 1 << 30;
 
@@ -33,11 +30,6 @@ fn transport() -> Arc<quinn::TransportConfig> {
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(64));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(1024));
     t.keep_alive_interval(Some(Duration::from_secs(2)));
-    // Let path MTU discovery grow datagrams past the 1452-byte default: loopback and jumbo-frame
-    // data-centre links carry far larger ones, and per-datagram costs dominate bulk transfer.
-    let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(MAX_UDP_PAYLOAD);
-    t.mtu_discovery_config(Some(mtu));
     Arc::new(t)
 }
 
