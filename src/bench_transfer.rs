@@ -12,42 +12,10 @@ use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use tandem_kv_transfer::mem::MemPool;
 use tandem_kv_transfer::quic::{endpoint, pump};
 use tandem_kv_transfer::tls::{Identity, make_ca, make_node_cert};
-use tandem_kv_transfer::{
-    Connection, ConnectionConfig, ConnectionEvent, KvDtype, KvLayout, KvSink, KvSource, encode_kv,
-};
-
-/// A pool holding exactly one request's blocks, `[layer][block][keys|values]`.
-struct Pool {
-    half: usize,
-    blocks: usize,
-    bytes: Vec<u8>,
-}
-
-impl Pool {
-    fn new(l: &KvLayout, blocks: usize, fill: u8) -> Self {
-        let half = l.half_block_bytes();
-        Pool { half, blocks, bytes: vec![fill; l.n_layers as usize * blocks * 2 * half] }
-    }
-    fn at(&self, layer: u32, block: u32, values: bool) -> std::ops::Range<usize> {
-        let i = ((layer as usize * self.blocks + block as usize) * 2 + values as usize) * self.half;
-        i..i + self.half
-    }
-}
-
-impl KvSource for Pool {
-    fn half_block(&self, layer: u32, block: u32, values: bool) -> &[u8] {
-        &self.bytes[self.at(layer, block, values)]
-    }
-}
-
-impl KvSink for Pool {
-    fn half_block(&mut self, layer: u32, block: u32, values: bool) -> &mut [u8] {
-        let r = self.at(layer, block, values);
-        &mut self.bytes[r]
-    }
-}
+use tandem_kv_transfer::{Connection, ConnectionConfig, ConnectionEvent, KvDtype, KvLayout, encode_kv};
 
 fn cpu_seconds() -> f64 {
     // SAFETY: getrusage only writes the struct it is given.
@@ -76,8 +44,8 @@ fn report(name: &str, copies: &str, s: &Sample) -> String {
 }
 
 fn memcpy(layout: &KvLayout, blocks: usize, runs: usize) -> Sample {
-    let src = Pool::new(layout, blocks, 1);
-    let mut dst = Pool::new(layout, blocks, 0);
+    let src = MemPool::new(layout, blocks, |_| 1);
+    let mut dst = MemPool::new(layout, blocks, |_| 0);
     // Warm-up: fault the destination's pages in, as a long-lived pool's are.
     dst.bytes.copy_from_slice(&src.bytes);
     let cpu0 = cpu_seconds();
@@ -93,7 +61,7 @@ fn memcpy(layout: &KvLayout, blocks: usize, runs: usize) -> Sample {
 }
 
 fn tcp(layout: &KvLayout, blocks: usize, runs: usize) -> Result<Sample> {
-    let src = Pool::new(layout, blocks, 1);
+    let src = MemPool::new(layout, blocks, |_| 1);
     let total = src.bytes.len();
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
@@ -151,7 +119,7 @@ async fn quic(layout: &KvLayout, blocks: usize, runs: usize) -> Result<Sample> {
         let conn = server.accept().await.context("no connection")?.await?;
         let (mut send, mut recv) = conn.accept_bi().await?;
         let mut proto = Connection::new(rcfg, Instant::now());
-        let mut pool = Pool::new(&rl, blocks, 0);
+        let mut pool = MemPool::new(&rl, blocks, |_| 0);
         for r in 0..=runs as u64 {
             proto.expect(r, &rids);
             let mut complete = false;
@@ -171,8 +139,8 @@ async fn quic(layout: &KvLayout, blocks: usize, runs: usize) -> Result<Sample> {
     let conn = client.connect(addr, "decode")?.await?;
     let (mut send, mut recv) = conn.open_bi().await?;
     let mut proto = Connection::new(cfg("prefill"), Instant::now());
-    let src = Pool::new(layout, blocks, 1);
-    let mut sink = Pool::new(layout, 1, 0);
+    let src = MemPool::new(layout, blocks, |_| 1);
+    let mut sink = MemPool::new(layout, 1, |_| 0);
     pump(&mut proto, &mut send, &mut recv, &mut sink, |p| p.is_open()).await?;
     let mut cpu0 = 0.0;
     let mut seconds = Vec::new();

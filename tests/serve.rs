@@ -109,6 +109,20 @@ fn metric(port: u16, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no metric {name} in\n{body}"))
 }
 
+/// KV blocks in use once the server has caught up: aborts land at the engine's next step, so
+/// poll a bounded number of times (this bounds the test; it asserts no timing).
+fn blocks_used_after_settling(port: u16) -> f64 {
+    let mut used = 1.0;
+    for _ in 0..200 {
+        used = metric(port, "tandem_kv_blocks{state=\"used\"}");
+        if used == 0.0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    used
+}
+
 #[test]
 fn chat_and_completions_streaming_and_not() {
     let srv = start(&[]);
@@ -273,14 +287,7 @@ fn concurrent_streams_complete_and_a_disconnect_frees_its_blocks() {
     assert!(metric(p, "tandem_kv_blocks{state=\"used\"}") > 0.0);
     drop(s);
     // Bounded wait for the abort to land (not a timing assertion: it only bounds the test).
-    let mut used = 1.0;
-    for _ in 0..200 {
-        used = metric(p, "tandem_kv_blocks{state=\"used\"}");
-        if used == 0.0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let used = blocks_used_after_settling(p);
     assert_eq!(used, 0.0, "a disconnected client's blocks were not freed");
     assert!(metric(p, "tandem_requests_total{outcome=\"aborted\"}") >= 1.0);
 }
@@ -331,13 +338,6 @@ fn a_request_past_its_deadline_gets_504_and_its_work_is_freed() {
     let data = sse_data(&body);
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
     assert!(data.iter().any(|d| d.contains("timeout_error")), "no timeout error in the stream");
-    let mut used = 1.0;
-    for _ in 0..200 {
-        used = metric(p, "tandem_kv_blocks{state=\"used\"}");
-        if used == 0.0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let used = blocks_used_after_settling(p);
     assert_eq!(used, 0.0, "a timed-out request's blocks were not freed");
 }

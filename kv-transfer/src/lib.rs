@@ -14,6 +14,7 @@ pub mod connection;
 pub mod frame;
 pub mod inbound;
 pub mod layout;
+pub mod mem;
 pub mod message;
 pub mod outbound;
 pub mod quic;
